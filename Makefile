@@ -1,0 +1,29 @@
+# One command each: `make train` (the default job) and `make test` (the whole suite).
+# Both create .venv and install recjax into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install train test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "recjax needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+train: install
+	$(BIN)/recjax train --config configs/experiments/dlrm_synthetic.yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check recjax tests launch
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,168 @@
+"""``recjax`` command line: train | eval | compile | params | data.
+
+Every subcommand takes ``--config FILE`` (layered over ``configs/base.yaml``) and trailing
+``dotted.key=value`` overrides. jax is imported only after the arguments are parsed, so
+``--devices N`` can create N virtual CPU devices first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML config (layered over configs/base.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
+
+    p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
+
+    p = sub.add_parser("compile", help="AOT-compile the train step for a mesh; report memory and FLOPs")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, default=None, help="number of virtual CPU devices to compile for")
+    p.add_argument("--max-device-memory-gb", type=float, default=None, help="exit 1 when over this")
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+
+    p = sub.add_parser("params", help="print parameter counts and analytic FLOPs of a config")
+    _add_config_args(p)
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("synth-criteo", help="write a Criteo-format TSV file of synthetic rows")
+    d.add_argument("out", help="output .tsv path")
+    d.add_argument("--rows", type=int, default=10_000)
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _use_virtual_devices(n: int | None) -> None:
+    if n is None:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("--devices must be applied before jax is imported")
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from recjax.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from recjax.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    import jax
+
+    from recjax.train.checkpoint import Checkpointer
+    from recjax.train.loop import evaluate, format_eval
+    from recjax.train.state import build_setup
+    from recjax.train.step import make_eval_step
+
+    setup = build_setup(cfg)
+    ckpt = Checkpointer(cfg.run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        print(f"error: no checkpoint under {ckpt.directory}", file=sys.stderr)
+        return 1
+    state, _ = ckpt.restore(step, setup.abstract_state)
+    metrics = evaluate(setup, make_eval_step(setup), state["params"])
+    if jax.process_index() == 0:
+        print(format_eval(step, metrics))
+        print(json.dumps({"step": step, **metrics}))
+    ckpt.close()
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from recjax.train.compile import compile_report, format_report
+
+    report = compile_report(cfg)
+    print(format_report(report))
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": "recjax " + " ".join(sys.argv[1:]), **report}, indent=2))
+    total_gb = report["memory_per_device"]["total"] / 1e9
+    if args.max_device_memory_gb is not None and total_gb > args.max_device_memory_gb:
+        print(f"error: {total_gb:.2f} GB per device exceeds --max-device-memory-gb "
+              f"{args.max_device_memory_gb}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from recjax.train.state import build_setup, describe_model
+
+    info = describe_model(build_setup(cfg))
+    for k, v in info.items():
+        print(f"{k:>26}: {v:,.0f}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from recjax.data.criteo import write_criteo_tsv
+
+    write_criteo_tsv(args.out, rows=args.rows, seed=args.seed)
+    print(f"wrote {args.rows} rows to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compile": cmd_compile, "params": cmd_params, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _use_virtual_devices(getattr(args, "devices", None))
+    from recjax.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what to fix; printed without a traceback."""
+    from recjax.data.criteo import DataError
+    from recjax.train.checkpoint import CheckpointMismatchError
+    from recjax.train.loop import NonFiniteLossError
+
+    return (DataError, CheckpointMismatchError, NonFiniteLossError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Typed run configuration: YAML layering, ``dotted.key=value`` overrides, strict validation.
+
+Resolution order (later wins):
+
+1. ``configs/base.yaml`` (always the root of the chain),
+2. the files named by ``base:`` keys, outermost first (a ``base:`` path is relative to
+   the file that names it, and chains),
+3. the ``--config`` file itself,
+4. command-line overrides ``section.key=value`` (values parsed as YAML scalars/lists).
+
+Every key is checked against the dataclass schema below: an unknown key raises a
+``ConfigError`` naming the closest valid key, a wrong type names the key, the
+expected type and the given value. The ``model`` section is validated against the
+dataclass registered for ``model.name`` (see ``recjax.models.registry``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; the message says what and where."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh degrees over the fixed axes; -1 means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    # logical axis name -> mesh axes it is sharded over (empty list = replicated)
+    rules: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "batch": ["data", "fsdp"],
+            "table_rows": ["data", "fsdp"],
+            "embed": ["fsdp"],
+            "mlp": ["tensor"],
+            "heads": ["tensor"],
+            "experts": ["expert"],
+            "tokens": [],
+            "seq": [],
+        }
+    )
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Synthetic CTR stream with a hidden teacher (see ``recjax.data.synthetic``)."""
+
+    num_sparse: int = 8
+    vocab_sizes: list[int] = field(default_factory=lambda: [10_000])  # one per feature, or one for all
+    zipf_exponent: float = 1.05
+    num_dense: int = 4
+    user_id: bool = True
+    num_users: int = 2_000
+    teacher_rank: int = 8
+    teacher_hidden: int = 16
+    teacher_logit_scale: float = 1.0  # scales the teacher's interaction terms
+    base_ctr: float = 0.25
+    seed: int = 1234
+
+
+@dataclass
+class CriteoDataConfig:
+    """Criteo-format TSV files: label, 13 integer and 26 hex categorical columns."""
+
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    vocab_sizes: list[int] = field(default_factory=lambda: [100_000])  # 26, or one for all
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "criteo"] = "synthetic"
+    global_batch: int = 512
+    eval_batches: int = 16  # global batches per evaluation
+    num_threads: int = 2  # grain read threads
+    prefetch: int = 4  # batches prefetched per process
+    skip_bad_rows: bool = False  # count and skip malformed rows instead of failing
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    criteo: CriteoDataConfig = field(default_factory=CriteoDataConfig)
+
+
+@dataclass
+class TableConfig:
+    """One embedding table; several features may share it."""
+
+    name: str = ""
+    vocab_size: int = 0
+    dim: int = 0  # 0 -> embedding.dim
+    features: list[str] = field(default_factory=list)
+    placement: Literal["default", "replicated", "row_sharded"] = "default"
+
+
+@dataclass
+class EmbeddingConfig:
+    dim: int = 16
+    combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
+    placement: Literal["replicated", "row_sharded"] = "row_sharded"
+    oov: Literal["hash", "drop"] = "hash"  # out-of-vocabulary ids: modulo-hash, or zero vector
+    # explicit tables; empty = one table per feature, sized by the data's vocabulary
+    tables: list[TableConfig] = field(default_factory=list)
+
+
+@dataclass
+class DenseOptimConfig:
+    name: Literal["adamw", "adam", "sgd", "adagrad"] = "adamw"
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EmbeddingOptimConfig:
+    name: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    initial_accumulator: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+    embedding: EmbeddingOptimConfig = field(default_factory=EmbeddingOptimConfig)
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 50
+    eval_every: int = 250  # 0: only at the end
+    checkpoint_every: int = 250  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    tensorboard: bool = True
+    resume: bool = True  # continue from the newest checkpoint in run_dir
+
+
+@dataclass
+class ModelConfig:
+    """Base of every model's config; ``name`` selects the registered model."""
+
+    name: str = "dlrm"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# model name -> its config dataclass; filled by recjax.models.registry
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}
+
+
+def register_model_config(name: str, cls: type[ModelConfig]) -> None:
+    MODEL_CONFIGS[name] = cls
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    out = dict(dst)
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_chain(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"circular 'base:' chain: {chain}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    merged: dict[str, Any] = {}
+    for b in bases:
+        bpath = (path.parent / b) if not pathlib.Path(b).is_absolute() else pathlib.Path(b)
+        if bpath.resolve() != BASE_CONFIG.resolve():
+            merged = _deep_merge(merged, _load_chain(bpath, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict; the same key twice with different values is an error."""
+    flat: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if key in flat and flat[key] != value:
+            raise ConfigError(f"override {key!r} given twice with different values: {flat[key]!r} and {value!r}")
+        flat[key] = value
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve base.yaml -> ``base:`` chain -> ``path`` -> overrides into a validated Config."""
+    raw = _read_yaml(BASE_CONFIG) if BASE_CONFIG.is_file() else {}
+    raw.pop("base", None)
+    if path is not None:
+        raw = _deep_merge(raw, _load_chain(pathlib.Path(path)))
+    if overrides:
+        raw = _deep_merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    _ensure_models_registered()
+    raw = {**raw, "model": raw.get("model") or {}}  # always validate through the model's own class
+    return _build(Config, raw, "")
+
+
+def _ensure_models_registered() -> None:
+    if not MODEL_CONFIGS:
+        import recjax.models  # noqa: F401  (registers model configs)
+
+
+def _valid_keys(cls: type, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        ftype = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys.extend(_valid_keys(ftype, prefix + f.name + "."))
+    return keys
+
+
+def _closest(key: str, cls: type, prefix: str) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if match:
+        return f"did you mean '{prefix}{match[0]}'?"
+    full = difflib.get_close_matches(prefix + key, _valid_keys(Config, ""), n=1, cutoff=0.6)
+    if full:
+        return f"did you mean '{full[0]}'?"
+    return "valid keys here: " + ", ".join(prefix + n for n in names)
+
+
+_TYPE_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _TYPE_CACHE:
+        _TYPE_CACHE[cls] = typing.get_type_hints(cls)
+    return _TYPE_CACHE[cls]
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config key '{where}' must be a mapping, got {raw!r}")
+    if cls is ModelConfig or (isinstance(cls, type) and issubclass(cls, ModelConfig)):
+        name = raw.get("name", ModelConfig.name)
+        if name not in MODEL_CONFIGS:
+            close = difflib.get_close_matches(str(name), list(MODEL_CONFIGS), n=1)
+            hint = f" did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown model '{name}' at '{prefix}name';{hint} registered: {sorted(MODEL_CONFIGS)}"
+            )
+        cls = MODEL_CONFIGS[name]
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}': {_closest(key, cls, prefix)}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                continue
+        raise bad()
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad()
+        return {_coerce(ktp, k, key): _coerce(vtp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads exponent forms such as 1e-3 as strings
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}': unsupported schema type {tp}")
+
+
+def save_config(cfg: Config, run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write the resolved config as YAML (for people) and JSON (for tools) into run_dir."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return run_dir / "config.yaml"

@@ -1,0 +1,70 @@
+"""What a data stream feeds the model: sparse features with vocabularies, dense width, user id.
+
+The batch contract shared by every stream and model (numpy on the host, one entry per
+example of the *process-local* batch ``b``):
+
+- ``dense``: float32 ``[b, num_dense]``
+- ``sparse``: int32 ``[b, F]`` raw ids (hashed into each feature's vocabulary by the stream
+  when the source has no vocabulary of its own; ``-1`` = missing)
+- ``label``: float32 ``[b]`` in {0, 1}
+- ``user_id``: int32 ``[b]`` (only when ``has_user_id``; the same id is also the last
+  column of ``sparse``, feature ``user``, so models embed it like any other feature)
+- host-only keys, never sent to devices: ``example_id`` int64 ``[b]`` (global position in
+  the stream) and, for synthetic data, ``label_prob`` float32 ``[b]`` (the teacher's
+  probability, from which the Bayes-optimal logloss is computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recjax.config import ConfigError, DataConfig
+
+DEVICE_KEYS = ("dense", "sparse", "label", "user_id")
+HOST_KEYS = ("example_id", "label_prob")
+CRITEO_NUM_DENSE = 13
+CRITEO_NUM_SPARSE = 26
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    sparse: tuple[SparseFeature, ...]
+    num_dense: int
+    has_user_id: bool = False
+
+    @property
+    def num_sparse(self) -> int:
+        return len(self.sparse)
+
+
+def broadcast_vocab(vocab_sizes: list[int], n: int, key: str) -> list[int]:
+    """One vocabulary size per feature: a list of ``n`` or a single size for all."""
+    if len(vocab_sizes) == 1:
+        vocab_sizes = vocab_sizes * n
+    if len(vocab_sizes) != n:
+        raise ConfigError(f"{key}: expected 1 or {n} vocabulary sizes, got {len(vocab_sizes)}")
+    if any(v <= 0 for v in vocab_sizes):
+        raise ConfigError(f"{key}: vocabulary sizes must be positive, got {vocab_sizes}")
+    return vocab_sizes
+
+
+def feature_spec(cfg: DataConfig) -> FeatureSpec:
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        vocabs = broadcast_vocab(s.vocab_sizes, s.num_sparse, "data.synthetic.vocab_sizes")
+        sparse = [SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)]
+        if s.user_id:
+            sparse.append(SparseFeature("user", s.num_users))
+        return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id)
+    vocabs = broadcast_vocab(cfg.criteo.vocab_sizes, CRITEO_NUM_SPARSE, "data.criteo.vocab_sizes")
+    return FeatureSpec(
+        sparse=tuple(SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)),
+        num_dense=CRITEO_NUM_DENSE,
+        has_user_id=False,
+    )

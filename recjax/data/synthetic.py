@@ -1,0 +1,212 @@
+"""Synthetic CTR stream drawn from a hidden teacher, so the best achievable logloss is known.
+
+Every example is a pure function of ``(cfg.seed, example_id)``: all randomness comes from a
+vectorised counter-based hash (splitmix64 over uint64), so the stream does not depend on how
+indices are split over processes, batches or threads, and nothing vocabulary-sized is stored.
+
+Per example (``F = num_sparse`` item features, plus the ``user`` column when ``user_id``):
+
+- item id of feature ``f``: Zipf-like over ``[0, vocab_f)`` with exponent ``s``, drawn by the
+  inverse CDF of a continuous power law on ``[1, vocab_f + 1)`` then floored (O(1) memory, fine
+  for vocabularies up to 1e9). Id 0 is the most frequent, id 1 the next, and so on.
+- user id: the same law over ``[0, num_users)``; the last ``sparse`` column and ``user_id``.
+- dense: ``num_dense`` standard normals (Box-Muller), float32.
+- teacher: ``logit = bias + scale * (lin + fm + mlp) / sqrt(#terms)`` where ``lin`` is the sum
+  of first-order weights per (feature, id) (the user column's weight is the per-user bias),
+  ``fm`` the factorization-machine sum over column pairs of the dot products of rank
+  ``teacher_rank`` latent vectors per (feature, id), and ``mlp`` a fixed random tanh MLP
+  (``teacher_hidden`` units) over the dense features. Weights and latent vectors are hashed
+  from ``(seed, feature, id, k)``. Each term is rescaled to unit std on a fixed calibration
+  sample, so the non-bias part has std about ``teacher_logit_scale``; ``bias`` is then set by
+  bisection so the mean CTR on that sample equals ``base_ctr``.
+- ``label_prob = sigmoid(logit)``; ``label = uniform < label_prob`` from a separate hash stream.
+
+Because ``label ~ Bernoulli(label_prob)`` exactly, no model can beat the expected logloss
+``mean H(label_prob)`` (binary entropy, nats): :func:`bayes_logloss` is the Bayes-optimal
+logloss of the stream. Training examples use ids ``[0, EVAL_OFFSET)``; evaluation uses ids
+``EVAL_OFFSET + i`` (same teacher, disjoint examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from recjax.config import ConfigError, SyntheticDataConfig
+from recjax.data.spec import broadcast_vocab
+
+EVAL_OFFSET = 1 << 60  # eval example ids start here; train ids are below
+_CALIB_OFFSET = 2 << 60  # fixed, disjoint sample used to calibrate the teacher
+_CALIB_SIZE = 20_000
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+# example-side hash streams (fixed, so e.g. changing num_dense does not change the ids)
+_USER_STREAM = 1 << 20
+_DENSE_STREAM = 1 << 21
+_LABEL_STREAM = 1 << 22
+_MAX_VOCAB = 2**31 - 1  # ids are int32
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijection of uint64 with good avalanche; returns a new array."""
+    x = x ^ (x >> np.uint64(30))
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _u53(h: np.ndarray) -> np.ndarray:
+    """uint64 hash -> float64 uniform in [0, 1)."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def zipf_ids(u: np.ndarray, vocab: np.ndarray | int, s: float) -> np.ndarray:
+    """Inverse CDF of a power law ``x^-s`` on ``[1, vocab + 1)``, floored to ids ``[0, vocab)``.
+
+    ``u``: float64 uniforms ``[...]`` broadcast against ``vocab``; returns int64 ids.
+    """
+    log_v = np.log(np.asarray(vocab, np.float64) + 1.0)
+    a = 1.0 - s
+    if abs(a) < 1e-9:
+        x = np.exp(u * log_v)
+    else:  # x = (1 + u ((V+1)^a - 1))^(1/a), written stably for a near 0
+        x = np.exp(np.log1p(u * np.expm1(a * log_v)) / a)
+    return np.clip(np.floor(x).astype(np.int64) - 1, 0, np.asarray(vocab, np.int64) - 1)
+
+
+def zipf_top_share(vocab: int, s: float) -> float:
+    """Probability of id 0 under :func:`zipf_ids`."""
+    a = 1.0 - s
+    if abs(a) < 1e-9:
+        return math.log(2.0) / math.log(vocab + 1.0)
+    return math.expm1(a * math.log(2.0)) / math.expm1(a * math.log(vocab + 1.0))
+
+
+def _incs(streams) -> np.ndarray:
+    """splitmix64 increments ``stream * GAMMA mod 2^64`` as uint64 ``[len(streams)]``."""
+    return np.array([s * int(_GAMMA) % (1 << 64) for s in streams], np.uint64)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def bayes_logloss(label_prob: np.ndarray) -> float:
+    """Mean binary entropy (nats) of the teacher probabilities: the Bayes-optimal logloss."""
+    q = np.clip(np.asarray(label_prob, np.float64), 1e-7, 1.0 - 1e-7)
+    return float(-np.mean(q * np.log(q) + (1.0 - q) * np.log1p(-q)))
+
+
+class SyntheticCTR:
+    """The stream of ``cfg``; :meth:`examples` maps global example ids to a batch dict."""
+
+    def __init__(self, cfg: SyntheticDataConfig):
+        if cfg.num_sparse < 0 or cfg.num_dense < 0 or cfg.teacher_rank < 1 or cfg.teacher_hidden < 1:
+            raise ConfigError(
+                "data.synthetic: num_sparse and num_dense must be >= 0, teacher_rank and "
+                f"teacher_hidden >= 1; got {cfg}"
+            )
+        if not 0.0 < cfg.base_ctr < 1.0:
+            raise ConfigError(f"data.synthetic.base_ctr must be in (0, 1), got {cfg.base_ctr}")
+        if cfg.zipf_exponent < 0:
+            raise ConfigError(f"data.synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
+        vocabs = broadcast_vocab(cfg.vocab_sizes, cfg.num_sparse, "data.synthetic.vocab_sizes")
+        if cfg.user_id:
+            if cfg.num_users <= 0:
+                raise ConfigError(f"data.synthetic.num_users must be positive, got {cfg.num_users}")
+            vocabs = [*vocabs, cfg.num_users]
+        if any(v > _MAX_VOCAB for v in vocabs):
+            raise ConfigError(f"data.synthetic: vocabulary sizes must fit int32 ids, got {vocabs}")
+        self.cfg = cfg = dataclasses.replace(cfg, vocab_sizes=list(cfg.vocab_sizes))  # a private copy
+        self.vocabs = np.asarray(vocabs, np.int64)  # [C], C = num_sparse (+1 user)
+        seed = cfg.seed % (1 << 64)
+        self._ex_key = mix64(np.array([seed ^ 0x5EED], np.uint64))[0]
+        self._teacher_key = mix64(np.array([(seed + int(_GAMMA)) % (1 << 64)], np.uint64))[0]
+        streams = [*range(cfg.num_sparse), *([_USER_STREAM] if cfg.user_id else [])]
+        ndense = 2 * ((cfg.num_dense + 1) // 2)
+        self._stream_inc = _incs([s + 1 for s in streams])  # [C]
+        self._dense_inc = _incs(range(_DENSE_STREAM + 1, _DENSE_STREAM + 1 + ndense))
+        self._label_inc = _incs([_LABEL_STREAM + 1])[0]
+        self._latent_inc = _incs(range(1, cfg.teacher_rank // 2 + 2))
+        self._feature_salt = mix64(np.arange(1, len(vocabs) + 1, dtype=np.uint64) << np.uint64(48))
+        rng = np.random.default_rng([cfg.seed % (1 << 63), 7])
+        d, h = cfg.num_dense, cfg.teacher_hidden
+        self._w1 = (rng.standard_normal((d, h)) / math.sqrt(max(d, 1))).astype(np.float32)
+        self._b1 = (0.5 * rng.standard_normal(h)).astype(np.float32)
+        self._w2 = rng.standard_normal(h).astype(np.float32)
+        # calibration: unit-std terms, then the bias that gives base_ctr
+        terms = self._terms(self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET))
+        std = terms.std(axis=0)
+        live = std > 1e-9
+        self._norm = np.where(live, cfg.teacher_logit_scale / np.where(live, std, 1.0), 0.0)
+        self._norm /= math.sqrt(max(int(live.sum()), 1))
+        z = terms @ self._norm
+        lo, hi = -40.0, 40.0
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _sigmoid(z + mid).mean() < cfg.base_ctr else (lo, mid)
+        self._bias = 0.5 * (lo + hi)
+
+    # ----------------------------------------------------------------- example side
+
+    def _features(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Hashed per-example draws; ``sparse`` is column-major ``[C, B]`` int64."""
+        ids = np.asarray(example_ids, np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"example_ids must be 1-D, got shape {ids.shape}")
+        base = mix64(ids.astype(np.uint64) * _GAMMA ^ self._ex_key)  # [B]
+        cols = mix64(base[None, :] + self._stream_inc[:, None])  # [C, B]
+        sparse = zipf_ids(_u53(cols), self.vocabs[:, None], self.cfg.zipf_exponent)
+        npair = (self.cfg.num_dense + 1) // 2
+        u = _u53(mix64(base[:, None] + self._dense_inc))  # [B, 2 * npair]
+        rad = np.sqrt(-2.0 * np.log1p(-u[:, :npair]))  # 1 - u in (0, 1]
+        ang = (2.0 * np.pi) * u[:, npair:]
+        dense = np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1)[:, : self.cfg.num_dense]
+        label_u = _u53(mix64(base + self._label_inc))  # [B]
+        return {"ids": ids, "sparse": sparse, "dense": dense.astype(np.float32), "label_u": label_u}
+
+    # ----------------------------------------------------------------- teacher side
+
+    def _terms(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """Unnormalised teacher terms ``[B, 3]``: first-order, FM, dense MLP."""
+        sparse, dense = feats["sparse"], feats["dense"]  # [C, B], [B, D]
+        c, b = sparse.shape
+        r = self.cfg.teacher_rank
+        nh = (r + 2) // 2  # two 32-bit values per hash: r latent + 1 first-order weight
+        fid = mix64(sparse.astype(np.uint64) ^ self._feature_salt[:, None]) + self._teacher_key
+        h = mix64(fid[:, :, None] + self._latent_inc)  # [C, B, nh]
+        u32 = h.view(np.uint32).reshape(c, b, 2 * nh)[:, :, : r + 1]
+        sqrt3 = math.sqrt(3.0)
+        vals = u32.astype(np.float32) * np.float32(2.0 * sqrt3 / 2**32) - np.float32(sqrt3)
+        tot = vals.sum(axis=0, dtype=np.float32)  # [B, r + 1]; unit-variance entries
+        lin = tot[:, r]
+        v = vals[:, :, :r]
+        fm = 0.5 * ((tot[:, :r] ** 2).sum(axis=1) - np.einsum("cbk,cbk->b", v, v))
+        mlp = np.tanh(dense @ self._w1 + self._b1) @ self._w2
+        return np.stack([lin, fm, mlp], axis=1).astype(np.float64)
+
+    def examples(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch dict of :mod:`recjax.data.spec` for the given global ids ``[B]`` (int64).
+
+        Returns ``dense`` f32 ``[B, num_dense]``, ``sparse`` i32 ``[B, C]``, ``label`` f32 ``[B]``,
+        ``user_id`` i32 ``[B]`` (if ``cfg.user_id``), ``example_id`` i64 ``[B]``, ``label_prob`` f32 ``[B]``.
+        """
+        feats = self._features(example_ids)
+        prob = _sigmoid(self._bias + self._terms(feats) @ self._norm)
+        sparse = np.ascontiguousarray(feats["sparse"].T, dtype=np.int32)
+        out = {
+            "dense": feats["dense"],
+            "sparse": sparse,
+            "label": (feats["label_u"] < prob).astype(np.float32),
+        }
+        if self.cfg.user_id:
+            out["user_id"] = sparse[:, -1].copy()
+        out["example_id"] = feats["ids"].copy()
+        out["label_prob"] = prob.astype(np.float32)
+        return out

@@ -1,0 +1,200 @@
+"""Declarative embedding tables and their lookup.
+
+Tables are resolved from the data's :class:`~recjax.data.spec.FeatureSpec` and the
+``embedding`` config section (:func:`resolve_tables`): with ``embedding.tables`` empty,
+every sparse feature gets its own table sized by its vocabulary; otherwise the listed
+tables are used and several features may share one table.
+
+:class:`EmbeddingCollection` holds every table as an ``nnx.Param`` ``[V, d]`` (fp32) in the
+attribute ``tables`` -- the optimizer routes every parameter whose path contains the key
+``"tables"`` to the embedding optimizer. Row-sharded tables are annotated
+``("table_rows", "embed")``, replicated ones ``(None, "embed")``.
+
+Id semantics, per table of vocabulary ``V``:
+
+- ``-1``: missing; contributes a zero vector, not counted as out-of-vocabulary;
+- ``0 <= id < V``: looked up;
+- ``id >= V`` or ``id < -1``: counted in ``oov_ids``, then ``oov="hash"`` looks up
+  ``id mod V`` (always in ``[0, V)``), ``oov="drop"`` contributes a zero vector.
+
+Multi-hot ids ``[B, F, H]`` (padded with ``-1``) are combined over ``H`` by ``combiner``:
+``sum`` of the vectors, or their ``mean`` over the ids that contributed a vector (zero
+when none did).
+
+Tables may have different dims. :meth:`EmbeddingCollection.lookup` returns one ``[B, d_f]``
+array per feature and always works; ``__call__`` stacks them into ``[B, F, d]`` and raises
+``ValueError`` when the dims differ (models that need equal dims, e.g. DLRM, check
+:attr:`EmbeddingCollection.uniform_dim` at build time and raise ``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recjax.config import ConfigError, EmbeddingConfig
+from recjax.data.spec import FeatureSpec
+from recjax.parallel.sharding import constrain
+
+Placement = Literal["replicated", "row_sharded"]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One resolved embedding table ``[vocab_size, dim]`` shared by ``features``."""
+
+    name: str
+    vocab_size: int
+    dim: int
+    features: tuple[str, ...]
+    placement: Placement
+
+    @property
+    def logical_axes(self) -> tuple[str | None, str]:
+        return ("table_rows", "embed") if self.placement == "row_sharded" else (None, "embed")
+
+
+def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpec]:
+    """Tables for ``features`` under ``cfg``; raises ``ConfigError`` on an inconsistent layout.
+
+    Explicit tables: ``dim: 0`` -> ``cfg.dim``; ``placement: default`` -> ``cfg.placement``;
+    ``vocab_size: 0`` -> the largest vocabulary of its features. A vocabulary smaller than a
+    feature's is allowed (its larger ids follow the ``oov`` rule). Every feature must be in
+    exactly one table, and every named feature must exist.
+    """
+    if cfg.dim <= 0:
+        raise ConfigError(f"embedding.dim must be positive, got {cfg.dim}")
+    vocab = {f.name: f.vocab_size for f in features.sparse}
+    if not cfg.tables:
+        return [
+            TableSpec(f.name, f.vocab_size, cfg.dim, (f.name,), cfg.placement)
+            for f in features.sparse
+        ]
+
+    out: list[TableSpec] = []
+    owner: dict[str, str] = {}
+    for i, t in enumerate(cfg.tables):
+        where = f"embedding.tables[{i}]"
+        if not t.name:
+            raise ConfigError(f"{where}: table needs a name")
+        if any(s.name == t.name for s in out):
+            raise ConfigError(f"{where}: duplicate table name '{t.name}'")
+        if not t.features:
+            raise ConfigError(f"{where} ('{t.name}'): table lists no features")
+        for f in t.features:
+            if f not in vocab:
+                raise ConfigError(
+                    f"{where} ('{t.name}'): unknown feature '{f}'; features: {sorted(vocab)}"
+                )
+            if f in owner:
+                raise ConfigError(
+                    f"{where}: feature '{f}' is in tables '{owner[f]}' and '{t.name}'"
+                )
+            owner[f] = t.name
+        if t.vocab_size < 0 or t.dim < 0:
+            raise ConfigError(f"{where} ('{t.name}'): vocab_size and dim must be >= 0")
+        v = t.vocab_size or max(vocab[f] for f in t.features)
+        d = t.dim or cfg.dim
+        placement = cfg.placement if t.placement == "default" else t.placement
+        out.append(TableSpec(t.name, v, d, tuple(t.features), placement))
+    missing = [f for f in vocab if f not in owner]
+    if missing:
+        raise ConfigError(f"embedding.tables: features in no table: {missing}")
+    return out
+
+
+class EmbeddingCollection(nnx.Module):
+    """All embedding tables of a model; ``__call__(ids [B, F(, H)]) -> ([B, F, d], oov_count)``."""
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        cfg: EmbeddingConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.specs = tuple(resolve_tables(features, cfg))
+        self.feature_names = tuple(f.name for f in features.sparse)
+        self.combiner = cfg.combiner
+        self.oov = cfg.oov
+        self.dtype = dtype
+        table_of = {f: t.name for t in self.specs for f in t.features}
+        # feature i -> the name of its table (static)
+        self.feature_table = tuple(table_of[f] for f in self.feature_names)
+        self.tables = nnx.Dict(
+            {
+                t.name: nnx.Param(
+                    jax.random.normal(rngs.params(), (t.vocab_size, t.dim), jnp.float32)
+                    / jnp.sqrt(t.dim),
+                    out_sharding=t.logical_axes,
+                )
+                for t in self.specs
+            }
+        )
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        dims = {t.name: t.dim for t in self.specs}
+        return tuple(dims[t] for t in self.feature_table)
+
+    @property
+    def uniform_dim(self) -> int | None:
+        """The common dim of every feature's vector, or None if tables differ in dim."""
+        dims = set(self.feature_dims)
+        return dims.pop() if len(dims) == 1 else None
+
+    def lookup(self, ids: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """``ids`` int ``[B, F]`` or ``[B, F, H]`` -> (F arrays ``[B, d_f]`` in ``dtype``, int32 OOV count)."""
+        if ids.ndim not in (2, 3) or ids.shape[1] != len(self.feature_names):
+            raise ValueError(
+                f"sparse ids must be [B, {len(self.feature_names)}] or [B, {len(self.feature_names)}, H], "
+                f"got shape {ids.shape}"
+            )
+        ids = ids.astype(jnp.int32)
+        if ids.ndim == 2:
+            ids = ids[:, :, None]
+        out: list[jax.Array | None] = [None] * len(self.feature_names)
+        oov_total = jnp.zeros((), jnp.int32)
+        for spec in self.specs:
+            cols = [i for i, t in enumerate(self.feature_table) if t == spec.name]
+            tid = ids[:, cols[0] : cols[0] + 1] if len(cols) == 1 else ids[:, cols]  # [B, n, H]
+            vecs, oov = self._lookup_table(self.tables[spec.name][...], tid, spec.vocab_size)
+            oov_total = oov_total + oov
+            for j, c in enumerate(cols):
+                out[c] = vecs[:, j]
+        return out, oov_total  # type: ignore[return-value]
+
+    def _lookup_table(
+        self, table: jax.Array, ids: jax.Array, vocab: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, OOV count)."""
+        in_vocab = (ids >= 0) & (ids < vocab)
+        is_oov = (ids != -1) & ~in_vocab
+        oov = jnp.sum(is_oov, dtype=jnp.int32)
+        if self.oov == "hash":
+            used = in_vocab | is_oov
+            idx = jnp.where(in_vocab, ids, jnp.mod(ids, vocab))
+        else:
+            used = in_vocab
+            idx = ids
+        idx = jnp.where(used, idx, 0)
+        vecs = jnp.take(table, idx, axis=0, mode="clip")  # [B, n, H, d] fp32
+        weights = used.astype(jnp.float32)
+        if self.combiner == "mean":
+            weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+        combined = jnp.sum(vecs * weights[..., None], axis=2)  # elementwise; no matmul
+        return combined.astype(self.dtype), oov
+
+    def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``ids`` -> (``[B, F, d]`` in ``dtype``, int32 OOV count); needs equal table dims."""
+        if self.uniform_dim is None:
+            raise ValueError(
+                f"tables have different dims {sorted(set(self.feature_dims))}; use lookup() for per-feature vectors"
+            )
+        vecs, oov = self.lookup(ids)
+        return constrain(jnp.stack(vecs, axis=1), ("batch", None, None)), oov

@@ -1,0 +1,3 @@
+"""Model families; importing this package registers every model."""
+
+from recjax.models import dcnv2, dlrm  # noqa: F401  (registration side effects)

@@ -1,0 +1,164 @@
+"""Orbax checkpoints of everything needed to continue a run exactly.
+
+Each step directory holds three items:
+
+- ``state``: the train-state pytree (params, optimizer state, step, RNG, NaN marker),
+  saved and restored sharded through ``StandardSave``/``StandardRestore`` against the
+  abstract state, so a restore lands straight in the run's shardings;
+- ``data``: the data iterator's position, one JSON file per process
+  (``process_{i}-of-{n}.json``), written by :class:`DataStateHandler`;
+- ``config``: the resolved run config (JSON).
+
+Saves are asynchronous (``train.async_checkpoint``); commits are atomic (orbax writes to a
+temporary directory and renames). A failed save raises at the next save or at
+:meth:`Checkpointer.close`, which fails the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from recjax.config import Config
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree or shapes do not match the model being trained."""
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Per-process JSON of a data iterator's ``get_state()`` (no grain dependency)."""
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state, indent=1))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict[str, Any]:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        path = directory / name
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise CheckpointMismatchError(
+                f"no data-iterator state {name} in {directory} (found {found}); "
+                "restoring onto a different process count is not supported for the data state"
+            )
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: dict[str, Any]
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _describe(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``"params.top.layers.0.kernel" -> shape`` (tuples, lists and dicts all print alike)."""
+    return {
+        ".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_compatible(saved: Any, expected: Any, where: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first parameters that differ."""
+    got, want = _describe(saved), _describe(expected)
+    problems = []
+    for k in sorted(want.keys() - got.keys()):
+        problems.append(f"{k}: in the model {want[k]} but missing from the checkpoint")
+    for k in sorted(got.keys() - want.keys()):
+        problems.append(f"{k}: in the checkpoint {got[k]} but not in the model")
+    for k in sorted(want.keys() & got.keys()):
+        if got[k] != want[k]:
+            problems.append(f"{k}: checkpoint shape {got[k]} != model shape {want[k]}")
+    if problems:
+        more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not match the model:\n  " + "\n  ".join(problems[:8]) + more
+            + "\nUse a new run_dir, or the config the checkpoint was written with "
+            "(saved beside it as config.json)."
+        )
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` for the train state + data + config."""
+
+    def __init__(self, run_dir: str | pathlib.Path, *, keep: int, async_save: bool):
+        self.directory = pathlib.Path(run_dir).resolve() / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataStateHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], cfg: Config) -> None:
+        self.manager.check_for_errors()
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=DataStateSave(data_state),
+                config=ocp.args.JsonSave(cfg.to_dict()),
+            ),
+            force=True,
+        )
+        if not saved:
+            raise RuntimeError(f"checkpoint at step {step} was not saved (orbax declined)")
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` into the shardings of ``abstract_state``; returns (state, data state)."""
+        meta = self.manager.item_metadata(step)
+        saved_tree = meta["state"] if meta is not None and "state" in meta else None
+        if saved_tree is not None:
+            check_compatible(saved_tree, abstract_state, str(self.directory / str(step)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()
+            ),
+        )
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()

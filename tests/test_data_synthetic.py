@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from recjax.config import ConfigError, SyntheticDataConfig
+from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR, bayes_logloss, zipf_ids, zipf_top_share
+
+CFG = SyntheticDataConfig()
+
+
+@pytest.fixture(scope="module")
+def gen() -> SyntheticCTR:
+    return SyntheticCTR(CFG)
+
+
+@pytest.fixture(scope="module")
+def big(gen: SyntheticCTR) -> dict[str, np.ndarray]:
+    return gen.examples(np.arange(100_000, dtype=np.int64))
+
+
+def _assert_batches_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batch_contract(gen: SyntheticCTR):
+    b = gen.examples(np.arange(10, 42, dtype=np.int64))
+    assert list(b) == ["dense", "sparse", "label", "user_id", "example_id", "label_prob"]
+    assert b["dense"].shape == (32, CFG.num_dense) and b["dense"].dtype == np.float32
+    assert b["sparse"].shape == (32, CFG.num_sparse + 1) and b["sparse"].dtype == np.int32
+    assert b["label"].dtype == np.float32 and set(np.unique(b["label"])) <= {0.0, 1.0}
+    assert b["user_id"].dtype == np.int32
+    np.testing.assert_array_equal(b["user_id"], b["sparse"][:, -1])
+    np.testing.assert_array_equal(b["example_id"], np.arange(10, 42))
+    assert b["label_prob"].dtype == np.float32 and ((b["label_prob"] > 0) & (b["label_prob"] < 1)).all()
+
+    no_user = SyntheticCTR(dataclasses.replace(CFG, user_id=False, num_sparse=3, num_dense=3))
+    b = no_user.examples(np.arange(5, dtype=np.int64))
+    assert "user_id" not in b and b["sparse"].shape == (5, 3) and b["dense"].shape == (5, 3)
+
+
+def test_deterministic_and_independent_of_split(gen: SyntheticCTR):
+    ids = np.arange(1000, 1500, dtype=np.int64)
+    ref = gen.examples(ids)
+    _assert_batches_equal(ref, SyntheticCTR(CFG).examples(ids))  # fresh instance, same seed
+    parts = [gen.examples(ids[:123]), gen.examples(ids[123:])]
+    _assert_batches_equal(ref, {k: np.concatenate([p[k] for p in parts]) for k in ref})
+    perm = np.random.default_rng(0).permutation(len(ids))
+    _assert_batches_equal({k: v[perm] for k, v in ref.items()}, gen.examples(ids[perm]))
+    other = SyntheticCTR(dataclasses.replace(CFG, seed=CFG.seed + 1)).examples(ids)
+    assert not np.array_equal(other["sparse"], ref["sparse"])
+    assert not np.array_equal(other["label_prob"], ref["label_prob"])
+
+
+def test_zipf_frequencies_and_range(big: dict[str, np.ndarray]):
+    s = CFG.zipf_exponent
+    vocab = CFG.vocab_sizes[0]
+    sparse = big["sparse"]
+    assert sparse.min() >= 0 and sparse[:, :-1].max() < vocab and big["user_id"].max() < CFG.num_users
+    for col, v in [(0, vocab), (CFG.num_sparse - 1, vocab), (CFG.num_sparse, CFG.num_users)]:
+        share = np.mean(sparse[:, col] == 0)
+        assert share == pytest.approx(zipf_top_share(v, s), abs=0.005)
+        counts = np.bincount(sparse[:, col], minlength=v)
+        assert counts[0] > counts[1] > counts[3] > counts[10]  # decreasing in rank
+
+
+def test_zipf_ids_large_vocab_and_edge_exponents():
+    u = np.random.default_rng(0).random(200_000)
+    ids = zipf_ids(u, 10**9, 1.05)
+    assert ids.min() >= 0 and ids.max() < 10**9 and ids.max() > 10**8
+    assert np.mean(ids == 0) == pytest.approx(zipf_top_share(10**9, 1.05), abs=0.005)
+    uniform = zipf_ids(u, 10, 0.0)
+    assert np.bincount(uniform, minlength=10).min() > 19_000  # s = 0 is uniform
+    harmonic = zipf_ids(u, 1000, 1.0)  # the s = 1 limit
+    assert np.mean(harmonic == 0) == pytest.approx(np.log(2) / np.log(1001), abs=0.005)
+    assert zipf_ids(np.array([0.0, 1.0 - 2**-53]), 7, 2.0).tolist() == [0, 6]
+
+
+def test_ctr_and_bayes_logloss(big: dict[str, np.ndarray]):
+    label, prob = big["label"], big["label_prob"].astype(np.float64)
+    assert label.mean() == pytest.approx(CFG.base_ctr, abs=0.03)
+    assert label.mean() == pytest.approx(prob.mean(), abs=0.01)
+    h_base = -(CFG.base_ctr * np.log(CFG.base_ctr) + (1 - CFG.base_ctr) * np.log(1 - CFG.base_ctr))
+    bayes = bayes_logloss(prob)
+    assert 0.3 < bayes < h_base - 0.03
+    realised = -np.mean(label * np.log(prob) + (1 - label) * np.log(1 - prob))
+    assert realised == pytest.approx(bayes, abs=0.01)  # labels really are Bernoulli(label_prob)
+    assert bayes_logloss(np.array([0.5])) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("scale,ctr", [(0.5, 0.05), (2.0, 0.25)])
+def test_logit_scale_and_base_ctr(scale: float, ctr: float):
+    g = SyntheticCTR(dataclasses.replace(CFG, teacher_logit_scale=scale, base_ctr=ctr))
+    p = g.examples(np.arange(30_000, dtype=np.int64))["label_prob"].astype(np.float64)
+    assert np.log(p / (1 - p)).std() == pytest.approx(scale, rel=0.15)
+    assert p.mean() == pytest.approx(ctr, abs=0.01)
+
+
+def test_eval_ids_disjoint_same_teacher(gen: SyntheticCTR):
+    ev = gen.examples(EVAL_OFFSET + np.arange(20_000, dtype=np.int64))
+    tr = gen.examples(np.arange(20_000, dtype=np.int64))
+    assert not np.array_equal(ev["sparse"], tr["sparse"])
+    assert ev["label_prob"].mean() == pytest.approx(tr["label_prob"].mean(), abs=0.01)
+
+
+def test_eval_uses_the_same_teacher():
+    # without dense features the probability is a function of the sparse ids alone
+    g = SyntheticCTR(dataclasses.replace(CFG, num_sparse=2, vocab_sizes=[5], user_id=False, num_dense=0))
+    tr = g.examples(np.arange(2000, dtype=np.int64))
+    ev = g.examples(EVAL_OFFSET + np.arange(2000, dtype=np.int64))
+    table = {tuple(r): p for r, p in zip(tr["sparse"].tolist(), tr["label_prob"].tolist(), strict=True)}
+    matched = [(table[tuple(r)], p) for r, p in zip(ev["sparse"].tolist(), ev["label_prob"].tolist(), strict=True)
+               if tuple(r) in table]
+    assert len(matched) > 1900 and all(a == b for a, b in matched)
+    assert len(set(table.values())) > 10
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="vocab"):
+        SyntheticCTR(dataclasses.replace(CFG, vocab_sizes=[10, 20]))
+    with pytest.raises(ConfigError, match="base_ctr"):
+        SyntheticCTR(dataclasses.replace(CFG, base_ctr=1.5))
+    with pytest.raises(ConfigError, match="int32"):
+        SyntheticCTR(dataclasses.replace(CFG, vocab_sizes=[2**31]))
