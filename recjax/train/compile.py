@@ -9,7 +9,9 @@ analytic model FLOPs. Nothing is allocated except what XLA needs to compile.
 
 from __future__ import annotations
 
+import platform
 import time
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -40,6 +42,10 @@ def compile_report(cfg: Config) -> dict[str, Any]:
         "xla_flops_per_device": flops_lib.xla_flops(compiled),
         "analytic_train_flops_per_device": analytic,
         "compile_seconds": seconds,
+        "versions": {
+            "python": platform.python_version(),
+            **{p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")},
+        },
     }
 
 

@@ -110,6 +110,11 @@ def train(cfg: Config) -> dict[str, Any]:
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     try:
+        if start == 0 and cfg.train.eval_every > 0:  # the untrained model: where the curve starts
+            eval_metrics = evaluate(setup, eval_step, state["params"])
+            logger.log(0, eval_metrics, "eval")
+            log0(format_eval(0, eval_metrics))
+            last_log_time = time.perf_counter()
         for step in range(start + 1, cfg.train.steps + 1):
             batch = global_batch(setup, next(data), DEVICE_KEYS)
             state, metrics = compiled(state, batch)
