@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,8 +64,8 @@ train(cfg)
 """
 
 
-def test_eight_devices_match_one_device(tmp_path: pathlib.Path):
-    common = ["train.steps=20", "train.eval_every=0", "train.checkpoint_every=0",
+def test_eight_devices_match_one_device_and_checkpoints_move_between_meshes(tmp_path: pathlib.Path):
+    common = ["train.steps=20", "train.eval_every=0", "train.checkpoint_every=10",
               "embedding.placement=row_sharded", "train.async_checkpoint=false"]
     run_python(_losses_code(tmp_path / "one", common + ["mesh.data=1"]), devices=1)
     out = run_python(_losses_code(tmp_path / "eight", common + ["mesh.data=4", "mesh.fsdp=2"]), devices=8)
@@ -83,6 +84,24 @@ s = build_setup(cfg)
 print(s.state_shardings["params"]["embedding"]["tables"]["C1"].spec)
 """
     assert "('data', 'fsdp')" in run_python(code, devices=8)
+    # the step-10 checkpoint of the 8-device run resumes on 1 device and continues like it
+    moved = tmp_path / "moved" / "checkpoints"
+    shutil.copytree(tmp_path / "eight" / "checkpoints" / "10", moved / "10")
+    out = run_python(_losses_code(tmp_path / "moved", common + ["mesh.data=1"]), devices=1)
+    assert "at step 10" in out
+    resumed = read_losses(tmp_path / "moved")
+    assert sorted(resumed) == list(range(11, 21))
+    assert max(abs(resumed[s] - one[s]) for s in resumed) < 1e-5
+
+
+def test_dcnv2_trains_in_bfloat16(tmp_path: pathlib.Path):
+    run_dir = tmp_path / "bf16"
+    run_cli(["train", *tiny("model.name=dcnv2", "train.compute_dtype=bfloat16", "train.steps=30",
+                            "train.eval_every=30", "train.checkpoint_every=0"), f"run_dir={run_dir}"])
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
+    assert [r["step"] for r in evals] == [0, 30] and evals[1]["logloss"] < evals[0]["logloss"]
 
 
 def test_kill_and_resume_gives_identical_losses(tmp_path: pathlib.Path):
