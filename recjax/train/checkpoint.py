@@ -72,17 +72,10 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _describe(tree: Any) -> dict[str, tuple[int, ...]]:
     """``"params.top.layers.0.kernel" -> shape`` (tuples, lists and dicts all print alike)."""
     return {
-        ".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+        jax.tree_util.keystr(path, simple=True, separator="."): tuple(getattr(leaf, "shape", ()))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 

@@ -132,16 +132,9 @@ def rowwise_adagrad(
 # ----------------------------------------------------------------------------- labels & builders
 
 
-def _key_of(k: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
-
-
 def is_embedding_path(path: tuple) -> bool:
     """True iff some element of the jax key path (DictKey/GetAttrKey/SequenceKey/...) is ``"tables"``."""
-    return any(_key_of(k) == EMBEDDING_KEY for k in path)
+    return EMBEDDING_KEY in jax.tree_util.keystr(path, simple=True, separator="\0").split("\0")
 
 
 def param_labels(params: Any) -> Any:
