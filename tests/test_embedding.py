@@ -7,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import recjax.layers.embedding as embedding
 from recjax.config import ConfigError, EmbeddingConfig, TableConfig
 from recjax.data.spec import FeatureSpec, SparseFeature
-from recjax.layers.embedding import EmbeddingCollection, TableSpec, resolve_tables
+from recjax.layers.embedding import EmbeddingCollection, TableSpec, gather_rows, resolve_tables
+from tests.conftest import run_python
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +230,155 @@ def test_param_paths_and_partition_specs(placement, axes):
         assert "tables" in keys
         assert tuple(pspec) == axes
         assert isinstance(nnx.state(m, nnx.Param)["tables"][keys[1]], nnx.Param)
+
+
+# ----------------------------------------------------------------------------- dedup gradient
+
+
+def take_rows(table, ids):
+    """Reference gather: plain ``jnp.take``, whose autodiff is a duplicate-index scatter-add."""
+    return jnp.take(table, ids, axis=0, mode="clip")
+
+
+def assert_sums_close(got, want, abs_sum, rtol=1e-6):
+    """``got`` and ``want`` are the same sums of float32 terms added in different orders.
+
+    Reordering a sum of ``k`` terms moves it by up to ~``k * eps`` times the sum of the terms'
+    magnitudes (``abs_sum``), so with cancellation no tolerance relative to the sum itself
+    holds; the bound here is relative to ``abs_sum`` (>= ``|want|``).
+    """
+    got, want, abs_sum = (np.asarray(a, np.float64) for a in (got, want, abs_sum))
+    assert got.shape == want.shape
+    bad = np.abs(got - want) > rtol * abs_sum + 1e-30
+    assert not bad.any(), (np.argwhere(bad)[:5], got[bad][:5], want[bad][:5], abs_sum[bad][:5])
+
+
+def zipf_ids(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
+    """Zipf-like ids in ``[0, 2 * vocab)`` (so some are OOV) with ~15% ``-1`` (missing)."""
+    ids = (rng.zipf(1.3, size=shape) - 1) % (2 * vocab)
+    ids = np.where(rng.random(shape) < 0.1, -rng.integers(2, 9, size=shape), ids)  # id < -1
+    return np.where(rng.random(shape) < 0.15, -1, ids).astype(np.int32)
+
+
+def layer_grads(m: EmbeddingCollection, ids, w, gather):
+    """(outputs, table grads) of ``sum(m(ids) * w)`` with the layer's gather set to ``gather``."""
+    graphdef, params = nnx.split(m)
+
+    def loss(p, x):
+        out, _ = nnx.merge(graphdef, p)(x)
+        return jnp.sum(out * w), out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embedding, "gather_rows", gather)
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, jnp.asarray(ids))
+    return out, {k: np.asarray(v[...]) for k, v in grads["tables"].items()}
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean"])
+@pytest.mark.parametrize("oov", ["hash", "drop"])
+@pytest.mark.parametrize("hot", [1, 5])
+def test_layer_gradient_matches_plain_take(combiner, oov, hot):
+    cfg = EmbeddingConfig(
+        dim=8,
+        combiner=combiner,
+        oov=oov,
+        tables=[
+            TableConfig(name="shared", features=["C1", "C2"]),  # two features, one table
+            TableConfig(name="own", features=["C3"]),
+        ],
+    )
+    m = EmbeddingCollection(spec(40, 40, 7), cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(hot)
+    ids = zipf_ids(rng, (64, 3, hot) if hot > 1 else (64, 3), 40)
+    w = jnp.asarray(rng.normal(size=(64, 3, 8)), jnp.float32)
+    out, got = layer_grads(m, ids, w, gather_rows)
+    ref_out, want = layer_grads(m, ids, w, take_rows)
+    _, abs_sum = layer_grads(m, ids, jnp.abs(w), take_rows)  # combiner weights are >= 0
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+    for name in ("shared", "own"):
+        assert np.count_nonzero(np.abs(want[name]).sum(1)) > 1  # the check is not vacuous
+        assert_sums_close(got[name], want[name], abs_sum[name])
+
+
+def scatters(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if '"stablehlo.scatter"' in line]
+
+
+def test_backward_has_one_unique_scatter_per_table():
+    m = EmbeddingCollection(spec(30, 30, 9), EmbeddingConfig(dim=4), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+    ids = jnp.asarray(zipf_ids(np.random.default_rng(0), (32, 3, 4), 30))
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p)(ids)[0] ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+    found = scatters(hlo)
+    assert len(found) == 3, found  # one per table, nothing else scatters
+    assert all("unique_indices = true" in line for line in found), found
+
+    # gather_rows alone: exactly one scatter, unique; the plain take's is not marked unique
+    table = jnp.zeros((30, 4))
+    for fn, unique in ((gather_rows, "true"), (take_rows, "false")):
+        grad_fn = jax.grad(lambda t, fn=fn: jnp.sum(fn(t, ids.ravel() % 30)))
+        hlo = jax.jit(grad_fn).lower(table).as_text()
+        found = scatters(hlo)
+        assert len(found) == 1 and f"unique_indices = {unique}" in found[0], found
+
+
+@jax.jit
+def _vjps(table, ids, g):
+    """(out, grad) of ``gather_rows``; the same for ``take_rows``; and ``take_rows``' grad at |g|."""
+    out, vjp = jax.vjp(lambda t: gather_rows(t, ids), table)
+    ref_out, ref_vjp = jax.vjp(lambda t: take_rows(t, ids), table)
+    return out, vjp(g)[0], ref_out, ref_vjp(g)[0], ref_vjp(jnp.abs(g))[0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    vocab=st.integers(1, 64),
+    n=st.integers(0, 300),
+    pool=st.integers(1, 64),  # distinct ids drawn from: small pool -> many duplicates
+    dim=st.sampled_from([1, 3, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gather_rows_property(vocab, n, pool, dim, seed):
+    rng = np.random.default_rng(seed)
+    # mostly valid ids; a few out of range, which gather_rows clips like jnp.take(mode="clip")
+    choices = rng.integers(-2, vocab + 2, size=min(pool, vocab + 4))
+    ids = jnp.asarray(rng.choice(choices, size=n), jnp.int32)
+    table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+    out, got, ref_out, want, abs_sum = _vjps(table, ids, g)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+    assert got.shape == table.shape and got.dtype == jnp.float32
+    assert_sums_close(got, want, abs_sum)
+    # rows no id touched get exactly zero
+    untouched = np.setdiff1d(np.arange(vocab), np.clip(np.asarray(ids), 0, vocab - 1))
+    np.testing.assert_array_equal(np.asarray(got)[untouched], 0.0)
+
+
+def test_gather_rows_row_sharded_gspmd():
+    """Row-sharded table, batch-sharded ids, gradient constrained to the table's sharding."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from recjax.layers.embedding import gather_rows
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rows, batch = NamedSharding(mesh, P("x", None)), NamedSharding(mesh, P("x"))
+rng = np.random.default_rng(0)
+ids = (rng.zipf(1.2, 512) - 1) % 64
+table = rng.normal(size=(64, 8)).astype(np.float32)
+w = rng.normal(size=(512, 8)).astype(np.float32)
+grad = jax.jit(
+    jax.grad(lambda t, i, w: jnp.sum(gather_rows(t, i) * w)),
+    in_shardings=(rows, batch, NamedSharding(mesh, P("x", None))),
+    out_shardings=rows,
+)(jax.device_put(table, rows), jax.device_put(jnp.asarray(ids, jnp.int32), batch), w)
+want = np.zeros_like(table)
+np.add.at(want, ids, w)
+assert grad.sharding.is_equivalent_to(rows, 2), grad.sharding
+np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-5)
+print("ok", len(jax.devices()))
+"""
+    assert "ok 4" in run_python(code, devices=4)

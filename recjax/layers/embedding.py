@@ -21,6 +21,10 @@ Multi-hot ids ``[B, F, H]`` (padded with ``-1``) are combined over ``H`` by ``co
 ``sum`` of the vectors, or their ``mean`` over the ids that contributed a vector (zero
 when none did).
 
+Every row lookup goes through :func:`gather_rows`, a gather whose backward deduplicates the
+ids before writing the table gradient (one scatter with unique indices instead of the
+duplicate-index scatter-add that autodiff of ``jnp.take`` produces; see its docstring).
+
 Tables may have different dims. :meth:`EmbeddingCollection.lookup` returns one ``[B, d_f]``
 array per feature and always works; ``__call__`` stacks them into ``[B, F, d]`` and raises
 ``ValueError`` when the dims differ (models that need equal dims, e.g. DLRM, check
@@ -41,6 +45,88 @@ from recjax.data.spec import FeatureSpec
 from recjax.parallel.sharding import constrain
 
 Placement = Literal["replicated", "row_sharded"]
+
+
+@jax.custom_vjp
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]`` for ``table [V, d]`` and valid int ``ids [N]`` (``0 <= id < V``) -> ``[N, d]``.
+
+    The forward is ``jnp.take``. The backward is the deduplicated embedding gradient (as
+    TorchRec/FBGEMM do): autodiff of ``jnp.take`` is a scatter-add with one index per
+    looked-up id, and under Zipf traffic most of them repeat. On GPU, jaxlib 0.10.2-0.11.0
+    compiles such an f32 scatter-add into a compare-and-swap loop that is up to ~450x slower
+    under index contention (openxla/xla#46225, jax-ml/jax#38806). Here the rows of the same
+    id are summed first and the table is written once per distinct id (see
+    ``_gather_rows_bwd``). Out-of-range ids are clipped into ``[0, V)`` (as ``jnp.take(...,
+    mode="clip")``, whose values and gradient this matches for any ids).
+    """
+    return jnp.take(table, _clip(ids, table.shape[0]), axis=0)
+
+
+def _clip(ids: jax.Array, vocab: int) -> jax.Array:
+    return jnp.clip(ids, 0, vocab - 1)
+
+
+def _gather_rows_fwd(table: jax.Array, ids: jax.Array):
+    ids = _clip(ids, table.shape[0])
+    # The backward only needs the table's shape/dtype; keeping the (already live) table as the
+    # residual costs no memory.
+    return jnp.take(table, ids, axis=0), (ids, table)
+
+
+def _segmented_add(a, b):
+    """Combine of a segmented inclusive prefix sum over ``(starts_segment [N], value [N, d])``.
+
+    ``b`` is the later element: if it starts a segment, the prefix restarts at ``b``.
+    Associative, so ``lax.associative_scan`` may regroup it freely.
+    """
+    fa, va = a
+    fb, vb = b
+    return fa | fb, jnp.where(fb[..., None], vb, va + vb)
+
+
+def _gather_rows_bwd(res, g: jax.Array):
+    """Table cotangent: ``zeros.at[ids].add(g)``, computed without duplicate scatter indices.
+
+    1. Sort the ids once (stable) and gather the cotangent rows in that order, so
+       equal ids form contiguous segments.
+    2. Sum each segment with a segmented inclusive prefix sum (``lax.associative_scan``):
+       slices, adds and selects only -- no scatter at all, hence no contention however often
+       an id repeats. Sums never cross a segment boundary, so unlike a global-cumsum
+       difference there is no cancellation against other ids' rows, and accumulation is fp32.
+       (``jax.ops.segment_sum`` would be a scatter-add with the same duplicate indices -- the
+       slow op itself, and it regressed too, jax-ml/jax#39959 -- and ``jnp.unique(...,
+       return_inverse=True)`` adds a scatter of its own for the inverse.)
+    3. The last position of each segment holds that id's total. ONE scatter writes the table:
+       index ``id`` at segment ends, and a distinct out-of-range index ``V + i`` at every other
+       position ``i`` (dropped by ``mode="drop"``), so all N indices are unique and the
+       scatter may be marked ``unique_indices=True`` (no atomics). Positions are not
+       compacted, so the indices are not sorted.
+
+    Plain jnp/lax ops, so GSPMD partitions it like any other computation (a row-sharded
+    table's gradient is a scatter into a row-sharded zeros; the sort sees all ids).
+    """
+    ids, table = res  # ids already clipped into [0, V)
+    vocab = table.shape[0]
+    n = ids.shape[0]
+    acc = jnp.promote_types(table.dtype, jnp.float32)
+    if n == 0:
+        return jnp.zeros(table.shape, table.dtype), None
+    if vocab + n > jnp.iinfo(ids.dtype).max:
+        raise ValueError(f"gather_rows: vocab {vocab} + {n} ids overflows {ids.dtype}")
+    # One stable key-value sort gives both the sorted ids and the permutation.
+    sorted_ids, order = jax.lax.sort((ids, jnp.arange(n, dtype=jnp.int32)), num_keys=1)
+    rows = g.astype(acc)[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+    ends = jnp.concatenate([sorted_ids[1:] != sorted_ids[:-1], jnp.ones((1,), bool)])
+    _, sums = jax.lax.associative_scan(_segmented_add, (starts, rows))
+    # V + i cannot collide with a valid id nor with each other (no overflow: checked above).
+    dest = jnp.where(ends, sorted_ids, vocab + jnp.arange(n, dtype=sorted_ids.dtype))
+    grad = jnp.zeros(table.shape, acc).at[dest].add(sums, unique_indices=True, mode="drop")
+    return grad.astype(table.dtype), None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 @dataclass(frozen=True)
@@ -183,7 +269,7 @@ class EmbeddingCollection(nnx.Module):
             used = in_vocab
             idx = ids
         idx = jnp.where(used, idx, 0)
-        vecs = jnp.take(table, idx, axis=0, mode="clip")  # [B, n, H, d] fp32
+        vecs = gather_rows(table, idx.reshape(-1)).reshape(*idx.shape, -1)  # [B, n, H, d] fp32
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":
             weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
