@@ -183,3 +183,27 @@ def test_bad_criteo_row_is_an_error_with_location_or_skipped(tmp_path: pathlib.P
     last_train = [r for r in rec if r["split"] == "train"][-1]
     assert last_train["bad_rows"] == 1
     assert np.isfinite(last_train["loss"])
+
+
+def test_failed_checkpoint_save_fails_the_run(tmp_path: pathlib.Path):
+    code = f"""
+from recjax.config import load_config
+from recjax.train import checkpoint
+from recjax.train.loop import train
+
+def broken_save(self, directory, args):
+    raise OSError("disk full (simulated)")
+
+checkpoint.DataStateHandler.save = broken_save
+cfg = load_config(None, {tiny("train.steps=4", "train.checkpoint_every=2", "train.eval_every=0")
+                         + [f"run_dir={tmp_path / 'fail'}"]!r})
+try:
+    train(cfg)
+except Exception as e:
+    print("run failed:", type(e).__name__, e)
+else:
+    print("run succeeded")
+"""
+    out = run_python(code)
+    assert "run failed" in out and "disk full (simulated)" in out, out
+    assert not checkpoint_steps(tmp_path / "fail")  # nothing half-written was committed
