@@ -166,6 +166,10 @@ def test_compile_reports_memory_and_enforces_limit(tmp_path: pathlib.Path):
     assert report["xla_flops_per_device"] > 0
     proc = run_cli(["compile", "--devices", "8", *tiny(), "--max-device-memory-gb", "1e-9"], check=False)
     assert proc.returncode == 1 and "exceeds" in proc.stderr
+    params = run_cli(["params", "--config", "configs/models/dcnv2.yaml", *tiny()]).stdout
+    counts = {line.split(":")[0].strip(): float(line.split(":")[1].replace(",", "")) for line in params.splitlines()}
+    assert counts["params_embedding"] == 4 * 500 * 16 + 100 * 16  # 4 features of 500 ids + 100 users, dim 16
+    assert counts["train_flops_per_example"] == 3 * counts["fwd_flops_per_example"] > 0
 
 
 def test_bad_criteo_row_is_an_error_with_location_or_skipped(tmp_path: pathlib.Path):
