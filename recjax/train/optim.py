@@ -132,9 +132,14 @@ def rowwise_adagrad(
 # ----------------------------------------------------------------------------- labels & builders
 
 
+def path_keys(path: tuple) -> tuple[str, ...]:
+    """A jax key path as plain strings: ``("params", "top", "layers", "0", "kernel")``."""
+    return tuple(jax.tree_util.keystr(path, simple=True, separator="\0").split("\0"))
+
+
 def is_embedding_path(path: tuple) -> bool:
     """True iff some element of the jax key path (DictKey/GetAttrKey/SequenceKey/...) is ``"tables"``."""
-    return EMBEDDING_KEY in jax.tree_util.keystr(path, simple=True, separator="\0").split("\0")
+    return EMBEDDING_KEY in path_keys(path)
 
 
 def param_labels(params: Any) -> Any:

@@ -33,11 +33,6 @@ from recjax.train import optim
 State = dict[str, Any]
 
 
-def path_keys(path: tuple) -> tuple[str, ...]:
-    """A jax key path as plain strings: ``("params", "top", "layers", "0", "kernel")``."""
-    return tuple(jax.tree_util.keystr(path, simple=True, separator="\0").split("\0"))
-
-
 def opt_state_shardings(abstract_opt: Any, param_shardings: dict[tuple, NamedSharding], mesh: Mesh) -> Any:
     """Shard each optimizer-state leaf like the parameter whose key path ends its own.
 
@@ -50,7 +45,7 @@ def opt_state_shardings(abstract_opt: Any, param_shardings: dict[tuple, NamedSha
     by_len = sorted(param_shardings.items(), key=lambda kv: -len(kv[0]))
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
-        keys = path_keys(path)
+        keys = optim.path_keys(path)
         for pkeys, s in by_len:
             if len(keys) >= len(pkeys) and keys[len(keys) - len(pkeys):] == pkeys:
                 spec = tuple(s.spec)[: len(leaf.shape)]
@@ -119,7 +114,7 @@ def build_setup(cfg: Config, devices: list[jax.Device] | None = None) -> TrainSe
     abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     flat_params = {
-        path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+        optim.path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
     }
     shardings = {
         "step": replicated,
