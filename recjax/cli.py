@@ -1,8 +1,12 @@
-"""``recjax`` command line: train | eval | compile | params | data.
+"""``recjax`` command line: train | eval | compile | params | data | bench | launch | sweep | fit.
 
-Every subcommand takes ``--config FILE`` (layered over ``configs/base.yaml``) and trailing
+The model subcommands take ``--config FILE`` (layered over ``configs/base.yaml``) and trailing
 ``dotted.key=value`` overrides. jax is imported only after the arguments are parsed, so
 ``--devices N`` can create N virtual CPU devices first.
+
+Subcommands listed in ``PLUGINS`` live in their own modules, each exposing
+``add_arguments(parser)`` and ``run(args) -> int``; such a module imports jax only inside
+``run`` (the parser is built before any device flag is applied).
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ import json
 import os
 import pathlib
 import sys
+import importlib
 from typing import Any
+
+# (subcommand, sub-subcommand or None) -> module with add_arguments(parser) and run(args)
+PLUGINS: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("bench", "kernels"): ("recjax.bench.kernels", "time and memory of the kernels' implementations"),
+    ("launch", None): ("recjax.parallel.launch", "start a multi-process job: local | slurm | k8s | tpu"),
+    ("sweep", None): ("recjax.scaling.sweep_cli", "run or emit a scaling-law sweep"),
+    ("fit", None): ("recjax.scaling.fit_cli", "fit scaling laws to a sweep's results table"),
+}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", help="output .tsv path")
     d.add_argument("--rows", type=int, default=10_000)
     d.add_argument("--seed", type=int, default=0)
+    _add_plugins(sub)
     return parser
+
+
+def _add_plugins(sub: Any) -> None:
+    groups: dict[str, Any] = {}
+    for (name, child), (module, help_text) in PLUGINS.items():
+        mod = importlib.import_module(module)
+        if child is None:
+            p = sub.add_parser(name, help=help_text)
+        else:
+            if name not in groups:
+                group = sub.add_parser(name, help=f"{name} subcommands")
+                groups[name] = group.add_subparsers(dest=f"{name}_command", required=True)
+            p = groups[name].add_parser(child, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(plugin_run=mod.run)
 
 
 def _use_virtual_devices(n: int | None) -> None:
@@ -144,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from recjax.config import ConfigError
 
     try:
+        if hasattr(args, "plugin_run"):
+            return args.plugin_run(args)
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
