@@ -94,7 +94,7 @@ class DCNv2(nnx.Module):
         head_in = self.deep.out_dim + (dim if mcfg.structure == "parallel" else 0)
         self.head = dense(head_in, 1, axes=("mlp", None), dtype=dtype, rngs=rngs)
 
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
         vecs, oov = self.embedding.lookup(batch["sparse"])  # F x [B, d_f]
         dense_in = constrain(batch["dense"], ("batch", None)).astype(self.dtype)
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))  # [B, D]

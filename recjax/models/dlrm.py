@@ -86,7 +86,7 @@ class DLRM(nnx.Module):
         gram = jnp.einsum("bnd,bmd->bnm", vectors, vectors)
         return gram[:, np.asarray(self.pair_rows), np.asarray(self.pair_cols)]
 
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
         emb, oov = self.embedding(batch["sparse"])  # [B, F, d]
         if self.has_dense:
             dense = constrain(batch["dense"], ("batch", None))

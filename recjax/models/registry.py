@@ -1,8 +1,11 @@
 """Model registry: name -> (config dataclass, builder, analytic forward FLOPs).
 
-A model is an ``nnx.Module`` called as ``model(batch) -> (logits [B], aux)`` where ``batch``
-holds the device keys of :mod:`recjax.data.spec` and ``aux`` is a dict of scalar
-diagnostics (e.g. ``oov_ids``) that the trainer logs.
+A model is an ``nnx.Module`` called as ``model(batch, train=True) -> (logits [B], aux)``
+where ``batch`` holds the device keys of :mod:`recjax.data.spec` and ``aux`` is a dict of
+diagnostics the trainer logs (scalars, or ``[E]`` vectors logged per entry, e.g.
+``oov_ids``, ``moe_expert_fraction``). ``aux["aux_loss"]``, when present, is a scalar
+added to the task loss (auxiliary heads, load balancing, router penalties). ``train=False``
+is the serving path used by evaluation (e.g. sparse-inference routers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ nnx.use_eager_sharding(False)
 
 Builder = Callable[[Config, FeatureSpec, jnp.dtype, nnx.Rngs], nnx.Module]
 FlopsFn = Callable[[Config, FeatureSpec], float]
+CountFn = Callable[[Config, FeatureSpec], float]
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,23 @@ class ModelEntry:
     config_cls: type[ModelConfig]
     build: Builder
     forward_flops: FlopsFn  # matmul FLOPs of one example's forward pass (2 per multiply-add)
+    inactive_params: CountFn | None = None  # params an example does not use (unselected experts)
+    activation_bytes: CountFn | None = None  # activations kept for backward, per example
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config_cls: type[ModelConfig], build: Builder, forward_flops: FlopsFn) -> None:
-    MODELS[name] = ModelEntry(name, config_cls, build, forward_flops)
+def register(
+    name: str,
+    config_cls: type[ModelConfig],
+    build: Builder,
+    forward_flops: FlopsFn,
+    *,
+    inactive_params: CountFn | None = None,
+    activation_bytes: CountFn | None = None,
+) -> None:
+    MODELS[name] = ModelEntry(name, config_cls, build, forward_flops, inactive_params, activation_bytes)
     register_model_config(name, config_cls)
 
 

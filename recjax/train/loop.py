@@ -25,6 +25,9 @@ from recjax.train.metrics import StreamingEval
 from recjax.train.state import TrainSetup, build_setup, describe_model
 from recjax.train.step import abstract_batch, make_eval_step, make_train_step
 
+# model diagnostics printed on the console line when the model reports them
+CONSOLE_EXTRAS = ("total_loss", "moe_load_max_over_mean", "router_active_ratio")
+
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the message names the step."""
@@ -140,7 +143,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 if getattr(data, "bad_rows", 0):
                     train_metrics["bad_rows"] = float(data.bad_rows)
                 logger.log(step, train_metrics, "train")
-                log0(format_line(step, cfg.train.steps, train_metrics, ("loss", "grad_norm")))
+                shown = ("loss", "grad_norm", *(k for k in CONSOLE_EXTRAS if k in train_metrics))
+                log0(format_line(step, cfg.train.steps, train_metrics, shown))
                 last_log_time, last_log_step, excluded = time.perf_counter(), step, 0.0
 
             if every(cfg.train.eval_every, step):

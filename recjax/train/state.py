@@ -148,11 +148,30 @@ def param_counts(params: Any) -> dict[str, int]:
 
 
 def describe_model(setup: TrainSetup) -> dict[str, float]:
-    """Parameter counts and analytic FLOPs per example (training = 3 x forward matmuls)."""
-    counts = param_counts(setup.abstract_state["params"])
-    fwd = registry.forward_flops_per_example(setup.cfg, setup.features)
+    """Parameter counts and analytic FLOPs per example (training = 3 x forward matmuls).
+
+    ``params_active``: dense parameters one example uses (MoE: minus the unselected experts).
+    """
+    return _describe(setup.cfg, setup.features, setup.abstract_state["params"])
+
+
+def describe_config(cfg: Config) -> dict[str, float]:
+    """:func:`describe_model` from the config alone: no mesh, no devices, nothing allocated."""
+    features = feature_spec(cfg.data)
+    model = nnx.eval_shape(
+        lambda: registry.build_model(cfg, features, nnx.Rngs(params=jax.random.PRNGKey(0)))
+    )
+    return _describe(cfg, features, nnx.split(model)[1].to_pure_dict())
+
+
+def _describe(cfg: Config, features: FeatureSpec, params: Any) -> dict[str, float]:
+    counts = param_counts(params)
+    fwd = registry.forward_flops_per_example(cfg, features)
+    entry = registry.get(cfg.model.name)
+    inactive = entry.inactive_params(cfg, features) if entry.inactive_params else 0
     return {
         "params_dense": counts["dense"],
+        "params_active": counts["dense"] - inactive,
         "params_embedding": counts["embedding"],
         "fwd_flops_per_example": fwd,
         "train_flops_per_example": 3 * fwd,
