@@ -18,7 +18,10 @@ and the stream does not depend on ``P``.
   global batch is dropped (so every process yields the same number of batches).
 
 ``get_state()`` is a JSON-serialisable dict; ``set_state(s)`` on a fresh or used iterator makes
-it yield exactly what the original yielded after ``s`` was taken.
+it yield exactly what the original yielded after ``s`` was taken. The state is a global stream
+position (the next global record, or the file position every process reads to), identical on
+every process and independent of the process count: a state saved by ``P`` processes resumes on
+any other count at the same global batch.
 """
 
 from __future__ import annotations

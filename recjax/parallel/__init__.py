@@ -1,1 +1,1 @@
-"""Device meshes, logical-axis sharding rules and (later) distributed initialisation."""
+"""Device meshes, logical-axis sharding rules, multi-process initialisation and launchers."""

@@ -6,7 +6,8 @@ Each step directory holds three items:
   saved and restored sharded through ``StandardSave``/``StandardRestore`` against the
   abstract state, so a restore lands straight in the run's shardings;
 - ``data``: the data iterator's position, one JSON file per process
-  (``process_{i}-of-{n}.json``), written by :class:`DataStateHandler`;
+  (``process_{i}-of-{n}.json``), written by :class:`DataStateHandler`; the position is a
+  global stream position, so a run restores onto any process count;
 - ``config``: the resolved run config (JSON).
 
 Saves are asynchronous (``train.async_checkpoint``); commits are atomic (orbax writes to a
@@ -40,15 +41,22 @@ class DataStateHandler(ocp.CheckpointHandler):
         (directory / name).write_text(json.dumps(args.state, indent=1))
 
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict[str, Any]:
+        """This process's own state; after a change of process count, the state every saving
+        process agreed on (the iterators' states are global stream positions, see
+        :mod:`recjax.data.pipeline`)."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        path = directory / name
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
+        if (directory / name).exists():
+            return json.loads((directory / name).read_text())
+        saved = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("process_*-of-*.json"))}
+        distinct = {json.dumps(v, sort_keys=True) for v in saved.values()}
+        if len(distinct) != 1:
             raise CheckpointMismatchError(
-                f"no data-iterator state {name} in {directory} (found {found}); "
-                "restoring onto a different process count is not supported for the data state"
+                f"cannot restore the data-iterator state in {directory} onto "
+                f"{jax.process_count()} process(es): "
+                + ("no state was saved" if not saved else f"the saving processes disagree ({saved})")
+                + ". Resume with the process count that wrote it, or set train.resume=false."
             )
-        return json.loads(path.read_text())
+        return json.loads(distinct.pop())
 
     def metadata(self, directory: epath.Path) -> None:
         return None

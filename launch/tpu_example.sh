@@ -1,0 +1,1 @@
+gcloud compute tpus tpu-vm ssh my-v5p-32 --zone=us-east5-a --worker=all --command 'cd ~/recjax && RECJAX_DISTRIBUTED=on RECJAX_INIT_TIMEOUT_S=300 RECJAX_HEARTBEAT_TIMEOUT_S=60 RECJAX_SHUTDOWN_TIMEOUT_S=120 recjax train --config configs/experiments/dlrm_synthetic.yaml run_dir=/shared/runs/dlrm'
