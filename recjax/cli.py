@@ -12,16 +12,19 @@ Subcommands listed in ``PLUGINS`` live in their own modules, each exposing
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
 import sys
-import importlib
 from typing import Any
+
+from recjax.parallel import distributed
 
 # (subcommand, sub-subcommand or None) -> module with add_arguments(parser) and run(args)
 PLUGINS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "kernels"): ("recjax.bench.kernels", "time and memory of the kernels' implementations"),
+    ("bench", "mfu"): ("recjax.bench.mfu", "step time, examples/s, TFLOP/s and MFU of model presets"),
     ("launch", None): ("recjax.parallel.launch", "start a multi-process job: local | slurm | k8s | tpu"),
     ("sweep", None): ("recjax.scaling.sweep_cli", "run or emit a scaling-law sweep"),
     ("fit", None): ("recjax.scaling.fit_cli", "fit scaling laws to a sweep's results table"),
@@ -40,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a model")
     _add_config_args(p)
     p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
+    distributed.add_arguments(p)
 
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
     _add_config_args(p)
     p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
+    distributed.add_arguments(p)
 
     p = sub.add_parser("compile", help="AOT-compile the train step for a mesh; report memory and FLOPs")
     _add_config_args(p)
@@ -148,9 +153,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from recjax.train.state import build_setup, describe_model
+    from recjax.train.state import describe_config
 
-    info = describe_model(build_setup(cfg))
+    info = describe_config(cfg)
     for k, v in info.items():
         print(f"{k:>26}: {v:,.0f}")
     return 0
@@ -173,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     from recjax.config import ConfigError
 
     try:
+        # train/eval join a multi-process job when one is configured; compile joins only for the
+        # real devices (with --devices it compiles for a virtual topology in this one process)
+        if args.command in ("train", "eval") or (args.command == "compile" and args.devices is None):
+            distributed.initialize(args)
         if hasattr(args, "plugin_run"):
             return args.plugin_run(args)
         return COMMANDS[args.command](args)
@@ -192,7 +201,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from recjax.train.checkpoint import CheckpointMismatchError
     from recjax.train.loop import NonFiniteLossError
 
-    return (DataError, CheckpointMismatchError, NonFiniteLossError)
+    return (DataError, CheckpointMismatchError, NonFiniteLossError, distributed.DistributedError)
 
 
 if __name__ == "__main__":
