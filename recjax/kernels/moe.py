@@ -1,0 +1,410 @@
+"""Dropless top-k mixture of experts: route -> permute -> grouped matmul -> unpermute.
+
+Notation: ``N`` tokens, ``E`` experts, ``k`` experts per token, ``D`` model width, ``F``
+expert hidden width, ``P`` independent expert sets (token positions of a Sparse-Pertoken MoE;
+each set has its own router and experts, and routes its own ``N`` tokens).
+
+- :func:`route` -- top-k gates, expert ids, group sizes, load statistics.
+- :func:`permute` / :func:`unpermute` -- sort the ``N*k`` token copies by expert and back,
+  with the weighted combine in fp32 (both backward passes are gathers, see below).
+- :func:`grouped_matmul` -- ``out[m] = x[m] @ w[g(m)]`` over expert-sorted rows.
+- :func:`moe_ffn` -- the SwiGLU expert layer built from them.
+- :func:`moe_ffn_flops` -- analytic forward FLOPs.
+
+Nothing is dropped: there is no capacity factor, every token reaches its ``k`` experts.
+
+Implementations (``impl``):
+
+- ``"reference"`` -- the spec. ``grouped_matmul``: a dense masked einsum (every row times
+  every expert's weight, the row's own group selected). ``moe_ffn``: each token's ``k``
+  experts' weights gathered and applied to it.
+- ``"xla"`` -- ``grouped_matmul`` is ``jax.lax.ragged_dot``; ``moe_ffn`` is permute ->
+  ragged_dot -> unpermute, ``vmap``-ed over ``P``. XLA's CPU lowering of ``ragged_dot`` (jax
+  0.10.2) is a dense masked product over all groups: it does ``E`` times the active FLOPs
+  (``cost_analysis`` reports the same; pinned by a test).
+- ``"dense"`` (``moe_ffn`` only) -- no permutation: every expert on every token, then the
+  sparse ``[N, E]`` gate matrix applied to the hidden activations before the down projection
+  (the sum over experts happens inside one contraction over ``(E, F)``, fp32 accumulation).
+  Exact; ``E/k`` times the expert FLOPs.
+- ``"pallas"`` / ``"interpret"`` -- the Triton grouped GEMM of
+  :mod:`recjax.kernels.grouped_matmul_pallas` (``interpret`` runs it on any backend, slowly).
+  ``moe_ffn`` folds ``P`` into the group axis (group ``p*E + e``): the per-set expert-sorted
+  rows, laid out set after set, are already sorted by that group id, so each layer is one
+  kernel launch over ``P*E`` groups.
+- ``"auto"`` -- ``pallas`` on GPU; ``xla`` on TPU (native ragged dot, not measured here).
+  On CPU, ``grouped_matmul`` uses ``reference`` and ``moe_ffn`` uses ``xla`` for ``k == 1``
+  and ``dense`` for ``k >= 2``. Measured on 2 shared CPU cores (1024 tokens, D=64, F=128, fp32,
+  best of 7 interleaved ``moe_ffn`` forward+backward runs): k=1 -- xla 143/549/1162 ms vs
+  dense 229/762/1516 ms at E=8/32/64; k=2 -- dense 183/575 ms vs xla 271/768 ms at E=8/32;
+  at k=4 :func:`recjax.bench.moe.bench_moe` shows dense 2.3-2.8x faster. CPU ``ragged_dot``
+  already does the dense work (above), so ``dense`` wins once the ``N*k`` sorted rows
+  outnumber the ``N`` tokens. For ``grouped_matmul`` alone (same benchmark), the masked
+  einsum's forward+backward was faster at 7 of 9 shapes (up to 1.9x) although ragged_dot's
+  forward alone was 1.3-3.3x faster with 2.8-3.7x less compiled memory. Timings on shared
+  cores are noisy; rerun the benchmark to re-decide.
+
+Sharding. Under GSPMD (``jax.jit`` on sharded inputs, ``AxisType.Auto`` mesh) ``P`` and ``N``
+may be sharded. ``dense`` and ``reference`` partition without moving tokens (the backward
+only all-reduces the ``[P, E]`` expert counts; a test pins that ``dense`` has no all-gather).
+Routing uses a sort along ``E`` instead of ``lax.top_k``, which GSPMD would replicate. The
+``xla`` path sorts along ``N``, so XLA all-gathers each set's tokens over the ``N`` axis.
+The Pallas kernel is a custom call XLA cannot partition: its operands are gathered unless the
+caller runs the layer inside ``shard_map`` (everything here is local per token except the
+statistics' means over ``N``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from recjax.kernels.grouped_matmul_pallas import GmmConfig, grouped_matmul_pallas
+
+Gate = Literal["softmax", "relu"]
+GmmImpl = Literal["auto", "pallas", "interpret", "xla", "reference"]
+MoeImpl = Literal["auto", "pallas", "interpret", "xla", "dense", "reference"]
+_GMM_IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
+_MOE_IMPLS = ("auto", "pallas", "interpret", "xla", "dense", "reference")
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+# --------------------------------------------------------------------------------------- route
+
+
+class Routing(NamedTuple):
+    """Output of :func:`route` for logits ``[..., N, E]``.
+
+    weights:     ``[..., N, k]`` fp32 gates of the selected experts (differentiable).
+    expert_ids:  ``[..., N, k]`` int32, in descending logit order.
+    group_sizes: ``[..., E]`` int32 token copies per expert; sums to ``N*k``.
+    stats:       ``expert_fraction [..., E]``, ``router_prob [..., E]`` (fp32, no gradient)
+                 and ``load_balance_loss`` (scalar fp32, mean over the leading dims,
+                 differentiable through ``router_prob``).
+    """
+
+    weights: jax.Array
+    expert_ids: jax.Array
+    group_sizes: jax.Array
+    stats: dict[str, jax.Array]
+
+
+def route(logits: jax.Array, k: int, *, gate: Gate = "softmax") -> Routing:
+    """Top-``k`` routing of ``logits [..., N, E]`` (computed in fp32).
+
+    Gates: ``"softmax"`` -- softmax over the ``k`` selected logits (TokenMixer-Large SP-MoE);
+    ``"relu"`` -- ReLU of the selected logits. Ties pick the lower expert id.
+
+    Switch load-balancing loss, per expert set::
+
+        f_e = (number of the N*k token->expert assignments that go to e) / (N*k)
+        P_e = mean over the N tokens of softmax(all E logits)_e
+        load_balance_loss = E * sum_e f_e * P_e
+
+    ``f`` carries no gradient (counts), ``P`` does, so the loss pushes router probability
+    mass away from overloaded experts. It is 1.0 when both ``f`` and ``P`` are uniform
+    (``E * E * 1/E^2``), and at most ``E``. With leading dims (``P`` expert sets) the loss
+    is the mean over them.
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"route: logits must be [..., N, E], got shape {logits.shape}")
+    n, e = logits.shape[-2:]
+    if not 1 <= k <= e:
+        raise ValueError(f"route: k={k} must be between 1 and the number of experts E={e}")
+    if gate not in ("softmax", "relu"):
+        raise ValueError(f"route: gate must be 'softmax' or 'relu', got {gate!r}")
+    logits = logits.astype(jnp.float32)
+    # A stable sort along E rather than lax.top_k (same result and tie order): GSPMD
+    # replicates top_k's operand when its batch dims are sharded, but partitions a sort.
+    axis = logits.ndim - 1
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    neg, ids = jax.lax.sort((-logits, iota), dimension=axis, is_stable=True, num_keys=1)
+    top, ids = -neg[..., :k], ids[..., :k]
+    weights = jax.nn.softmax(top, axis=-1) if gate == "softmax" else jax.nn.relu(top)
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)  # [..., N, k, E]
+    group_sizes = onehot.sum(axis=(-3, -2))
+    fraction = group_sizes.astype(jnp.float32) / max(n * k, 1)
+    router_prob = jax.nn.softmax(logits, axis=-1).mean(axis=-2)
+    loss = e * jnp.sum(fraction * router_prob, axis=-1)
+    stats = {
+        "expert_fraction": jax.lax.stop_gradient(fraction),
+        "router_prob": jax.lax.stop_gradient(router_prob),
+        "load_balance_loss": jnp.mean(loss),
+    }
+    return Routing(weights, ids.astype(jnp.int32), group_sizes, stats)
+
+
+# ------------------------------------------------------------------------ permute / unpermute
+
+
+class Permutation(NamedTuple):
+    """``order[i]``: flat index ``n*k + j`` of the i-th sorted copy; ``inverse[order[i]] = i``."""
+
+    order: jax.Array
+    inverse: jax.Array
+
+
+def permute(x: jax.Array, expert_ids: jax.Array) -> tuple[jax.Array, Permutation]:
+    """Sort the ``N*k`` token copies by expert: ``x [N, D]``, ids ``[N, k]`` -> ``[N*k, D]``.
+
+    Row ``i`` of the result is ``x[order[i] // k]``; rows of expert ``e`` are contiguous and in
+    token order (stable sort), so with the group sizes of :func:`route` the result is the
+    ``x`` of :func:`grouped_matmul`. Backward: ``dx[n] = sum_j dy[inverse[n*k + j]]``, a
+    gather (autodiff of the forward gather would be a scatter-add with repeated indices).
+    """
+    if x.ndim != 2 or expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"permute: expected x [N, D] and expert_ids [N, k], "
+            f"got {x.shape} and {expert_ids.shape}"
+        )
+    flat = expert_ids.reshape(-1)
+    iota = jnp.arange(flat.shape[0], dtype=jnp.int32)
+    _, order = jax.lax.sort((flat, iota), num_keys=1, is_stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(iota, unique_indices=True)
+    perm = Permutation(order, inverse)
+    return _expand(x, perm, expert_ids.shape[1]), perm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _expand(x, perm: Permutation, k: int):
+    return x[perm.order // k]
+
+
+def _expand_fwd(x, perm, k):
+    return _expand(x, perm, k), perm
+
+
+def _expand_bwd(k, perm, dy):
+    rows = dy[perm.inverse].astype(jnp.float32).reshape(-1, k, dy.shape[-1])
+    return rows.sum(axis=1).astype(dy.dtype), None
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+def unpermute(y: jax.Array, perm: Permutation, weights: jax.Array) -> jax.Array:
+    """Weighted combine of expert-sorted rows back to tokens, in fp32.
+
+    ``y [N*k, D]`` (sorted as :func:`permute`), ``weights [N, k]`` ->
+    ``out[n] = sum_j weights[n, j] * y[inverse[n*k + j]]`` ``[N, D]`` fp32. With all weights 1
+    and ``k == 1`` it inverts :func:`permute`. Backward (gathers only):
+    ``dy[i] = weights.flat[order[i]] * dout[order[i] // k]`` and
+    ``dweights[n, j] = <dout[n], y[inverse[n*k + j]]>``.
+    """
+    if y.ndim != 2 or weights.ndim != 2 or y.shape[0] != weights.size:
+        raise ValueError(
+            f"unpermute: expected y [N*k, D] and weights [N, k], got {y.shape} and {weights.shape}"
+        )
+    return _combine(y, perm, weights.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _combine(y, perm: Permutation, weights):
+    n, k = weights.shape
+    rows = y[perm.inverse].astype(jnp.float32).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", rows, weights)
+
+
+def _combine_fwd(y, perm, weights):
+    return _combine(y, perm, weights), (y, perm, weights)
+
+
+def _combine_bwd(res, dout):
+    y, perm, weights = res
+    n, k = weights.shape
+    rows = y[perm.inverse].astype(jnp.float32).reshape(n, k, -1)
+    dweights = jnp.einsum("nkd,nd->nk", rows, dout)
+    dy = weights.reshape(-1)[perm.order, None] * dout[perm.order // k]
+    return dy.astype(y.dtype), None, dweights
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ------------------------------------------------------------------------------ grouped matmul
+
+
+def grouped_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    impl: GmmImpl = "auto",
+    cfg: GmmConfig | None = None,
+) -> jax.Array:
+    """``out[m] = x[m] @ w[g(m)]`` for expert-sorted rows: ``x [M, K]``, ``w [G, K, N]``,
+    ``group_sizes [G]`` (int) -> ``[M, N]``.
+
+    Group ``g`` owns rows ``sum(group_sizes[:g]) .. sum(group_sizes[:g+1]) - 1``; rows past
+    ``sum(group_sizes)`` are zero. Inputs are multiplied in ``x.dtype`` with fp32
+    accumulation; the result has ``preferred_element_type`` (default ``x.dtype``).
+    Differentiable in ``x`` and ``w``. ``cfg`` tunes the Pallas kernel (block sizes, warps).
+    """
+    if impl not in _GMM_IMPLS:
+        raise ValueError(f"grouped_matmul: impl must be one of {_GMM_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = {"gpu": "pallas", "tpu": "xla"}.get(_backend(), "reference")
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    w = w.astype(x.dtype)
+    if impl in ("pallas", "interpret"):
+        cfg = dataclasses.replace(cfg or GmmConfig(), interpret=impl == "interpret")
+        return grouped_matmul_pallas(x, w, group_sizes, preferred_element_type=out_dtype, cfg=cfg)
+    if impl == "xla":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
+    return _grouped_matmul_reference(x, w, group_sizes, out_dtype)
+
+
+def _grouped_matmul_reference(x, w, group_sizes, out_dtype):
+    """Dense masked einsum: every row times every group's weight, own group selected."""
+    ends = jnp.cumsum(group_sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+    mask = jax.nn.one_hot(row_group, w.shape[0], dtype=jnp.float32)  # zero past the last group
+    full = jnp.einsum("mk,gkn->gmn", x, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("mg,gmn->mn", mask, full).astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------ moe_ffn
+
+
+def _resolve_moe_impl(impl: str, k: int) -> str:
+    if impl not in _MOE_IMPLS:
+        raise ValueError(f"moe_ffn: impl must be one of {_MOE_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return {"gpu": "pallas", "tpu": "xla"}.get(_backend(), "xla" if k == 1 else "dense")
+
+
+def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, impl="auto"):
+    """Top-``k`` SwiGLU mixture of experts, dropless.
+
+    Shapes (batched over ``P`` expert sets; the unbatched forms drop the ``P`` axis)::
+
+        x [P, N, D], router_w [P, D, E], w_gate, w_up [P, E, D, F], w_down [P, E, F, D]
+
+    Equations, per set::
+
+        logits = x @ router_w                                    (fp32)
+        g, ids = route(logits, k, gate=gate)
+        y[n]   = scale * sum_{j<k} g[n,j] * W_down[ids[n,j]] (silu(x[n] W_gate[ids[n,j]])
+                                                               * (x[n] W_up[ids[n,j]]))
+
+    Matmuls run in ``x.dtype`` with fp32 accumulation, the SwiGLU product in fp32 (cast to
+    ``x.dtype`` before the down projection), the combine over ``k`` in fp32; ``y`` has ``x``'s
+    dtype and shape. Returns ``(y, stats)`` with the stats of :func:`route`
+    (``expert_fraction`` and ``router_prob`` ``[P, E]`` or ``[E]``, no gradient;
+    ``load_balance_loss`` a scalar, mean over ``P``, differentiable to the router).
+
+    ``impl``: see the module docstring. ``P`` is never a Python loop: ``vmap`` for
+    ``xla``, batched einsums for ``dense``/``reference``, folded into the group axis for
+    ``pallas``/``interpret``.
+    """
+    unbatched = x.ndim == 2
+    if unbatched:
+        x, router_w, w_gate, w_up, w_down = (a[None] for a in (x, router_w, w_gate, w_up, w_down))
+    _check_moe_shapes(x, router_w, w_gate, w_up, w_down)
+    impl = _resolve_moe_impl(impl, k)
+    logits = jnp.einsum("pnd,pde->pne", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    r = route(logits, k, gate=gate)
+    ffn = {"dense": _moe_dense, "reference": _moe_reference}.get(impl, _moe_sorted)
+    y = ffn(x, r, w_gate.astype(x.dtype), w_up.astype(x.dtype), w_down.astype(x.dtype), impl)
+    y = (scale * y).astype(x.dtype)
+    stats = dict(r.stats)
+    if unbatched:
+        y = y[0]
+        stats["expert_fraction"] = stats["expert_fraction"][0]
+        stats["router_prob"] = stats["router_prob"][0]
+    return y, stats
+
+
+def _check_moe_shapes(x, router_w, w_gate, w_up, w_down):
+    p, n, d = x.shape if x.ndim == 3 else (None,) * 3
+    e = router_w.shape[-1] if router_w.ndim == 3 else None
+    f = w_gate.shape[-1] if w_gate.ndim == 4 else None
+    expected = {
+        "x": (x, (p, n, d)),
+        "router_w": (router_w, (p, d, e)),
+        "w_gate": (w_gate, (p, e, d, f)),
+        "w_up": (w_up, (p, e, d, f)),
+        "w_down": (w_down, (p, e, f, d)),
+    }
+    for name, (arr, shape) in expected.items():
+        if None in shape or arr.shape != shape:
+            raise ValueError(
+                "moe_ffn: expected x [P, N, D], router_w [P, D, E], w_gate/w_up [P, E, D, F], "
+                "w_down [P, E, F, D] (or all without P); got "
+                + ", ".join(f"{k} {a.shape}" for k, (a, _) in expected.items())
+                + f" ({name} does not fit)"
+            )
+
+
+def _swiglu(h: jax.Array, f: int) -> jax.Array:
+    """``silu(h[..., :f]) * h[..., f:]`` in fp32 for ``h = x @ [W_gate | W_up]``."""
+    h = h.astype(jnp.float32)
+    return jax.nn.silu(h[..., :f]) * h[..., f:]
+
+
+def _moe_sorted(x, r: Routing, w_gate, w_up, w_down, impl):
+    """permute -> grouped matmul (gate|up fused) -> SwiGLU -> grouped matmul -> unpermute."""
+    p, n, d = x.shape
+    e, f = w_gate.shape[1], w_gate.shape[-1]
+    xs, perm = jax.vmap(permute)(x, r.expert_ids)  # [P, N*k, D]
+    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [P, E, D, 2F]
+    if impl == "xla":
+        gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl="xla")
+        h = jax.vmap(gmm)(xs, w_gu, r.group_sizes)
+        o = jax.vmap(gmm)(_swiglu(h, f).astype(x.dtype), w_down, r.group_sizes)
+    else:  # one launch over P*E groups: set-major sorted rows are sorted by p*E + e
+        m = xs.shape[1]
+        gs = r.group_sizes.reshape(p * e)
+        gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl=impl)
+        h = gmm(xs.reshape(p * m, d), w_gu.reshape(p * e, d, 2 * f), gs)
+        a = _swiglu(h, f).astype(x.dtype)
+        o = gmm(a, w_down.reshape(p * e, f, d), gs).reshape(p, m, d)
+    return jax.vmap(unpermute)(o, perm, r.weights)
+
+
+def _moe_dense(x, r: Routing, w_gate, w_up, w_down, impl):
+    """Every expert on every token; the sparse gate matrix ``[P, N, E]`` scales the hidden."""
+    e, f = w_gate.shape[1], w_gate.shape[-1]
+    gates = jnp.einsum("pnke,pnk->pne", jax.nn.one_hot(r.expert_ids, e), r.weights)
+    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
+    h = jnp.einsum("pnd,pedf->pnef", x, w_gu, preferred_element_type=jnp.float32)
+    a = (_swiglu(h, f) * gates[..., None]).astype(x.dtype)
+    return jnp.einsum("pnef,pefd->pnd", a, w_down, preferred_element_type=jnp.float32)
+
+
+def _moe_reference(x, r: Routing, w_gate, w_up, w_down, impl):
+    """Each token's k experts' weights gathered (``[P, N, k, ...]``) and applied to it."""
+    take = jax.vmap(lambda w, ids: w[ids])  # per set: [E, ...] indexed by [N, k]
+    f32 = jnp.float32
+    hg = jnp.einsum("pnd,pnkdf->pnkf", x, take(w_gate, r.expert_ids), preferred_element_type=f32)
+    hu = jnp.einsum("pnd,pnkdf->pnkf", x, take(w_up, r.expert_ids), preferred_element_type=f32)
+    a = (jax.nn.silu(hg) * hu).astype(x.dtype)
+    o = jnp.einsum("pnkf,pnkfd->pnkd", a, take(w_down, r.expert_ids), preferred_element_type=f32)
+    return jnp.einsum("pnk,pnkd->pnd", r.weights, o)
+
+
+# -------------------------------------------------------------------------------------- FLOPs
+
+
+def moe_ffn_flops(n_tokens: int, d: int, f: int, e: int, k: int, *, impl: str = "active") -> int:
+    """Forward matmul FLOPs of :func:`moe_ffn` over ``n_tokens`` tokens (all sets together).
+
+    Per token: router ``2*D*E`` plus three ``D x F`` matmuls (gate, up, down) per expert run,
+    ``2*D*F`` FLOPs each: ``k`` experts for ``"active"`` and the sparse paths (``"xla"``,
+    ``"pallas"``, ``"interpret"``, ``"reference"``), all ``E`` for ``"dense"`` (``"auto"``
+    resolves as in :func:`moe_ffn`). Elementwise
+    work (SiLU, gates, combine) is not counted. This is the algorithm's count: on CPU the
+    ``"xla"`` path's ``ragged_dot`` executes ``E`` times its expert FLOPs (see module doc).
+    """
+    if impl != "active":
+        impl = _resolve_moe_impl(impl, k)
+    experts_run = e if impl == "dense" else k
+    return n_tokens * (2 * d * e + experts_run * 3 * 2 * d * f)
