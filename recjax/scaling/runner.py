@@ -1,0 +1,226 @@
+"""Execute a sweep: skip finished runs, record failures with their error, show progress + ETA.
+
+Runs whose row in the table has ``status == ok`` are skipped; failed and missing ones run
+again (an interrupted run resumes from its own checkpoints, as ``recjax train`` does).
+
+- ``procs == 1``: runs execute one after another in this process (``train(cfg)``), each
+  one's console output going to ``<run_dir>/train.log``.
+- ``procs > 1``: up to ``procs`` worker processes at a time, each
+  ``python -m recjax.cli sweep run SPEC --only RUN_ID`` (output in ``<run_dir>/worker.log``).
+  A worker writes its own row; if it dies without one (killed, out of memory), the row
+  is written here with the exit code and the log's last line.
+
+Whoever trains a run writes its row (process 0 only, in a multi-process job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from recjax.scaling import results
+from recjax.scaling.sweep import Run, Sweep
+
+# (table column, candidate model-config attributes), first present wins
+SIZE_ATTRS = {
+    "d_model": ("d_model", "dim"),
+    "layers": ("num_layers", "layers"),
+    "tokens": ("num_tokens", "tokens"),
+    "experts": ("moe_experts", "num_experts", "experts"),
+}
+
+
+def pending(runs: list[Run], rows: list[results.Row]) -> list[Run]:
+    done = {r["run_id"] for r in rows if r.get("status") == "ok"}
+    return [r for r in runs if r.run_id not in done]
+
+
+def base_row(sweep: Sweep, run: Run) -> results.Row:
+    """The columns known from the spec and config alone (no jax)."""
+    cfg = run.config
+    row: results.Row = {
+        "run_id": run.run_id, "sweep": sweep.name, "model": cfg.model.name,
+        "preset": run.preset, "config_hash": run.config_hash,
+        "axes": json.dumps(run.axes, sort_keys=True), "seed": cfg.seed,
+        "flops_budget": run.flops_budget, "global_batch": cfg.data.global_batch,
+        "steps": cfg.train.steps, "examples_seen": cfg.train.steps * cfg.data.global_batch,
+        "run_dir": cfg.run_dir,
+    }
+    for col, attrs in SIZE_ATTRS.items():
+        row[col] = next((getattr(cfg.model, a) for a in attrs if hasattr(cfg.model, a)), None)
+    return row
+
+
+def _read_metrics(run_dir: pathlib.Path, steps: int) -> tuple[list[float], dict[str, Any]]:
+    """Step times of every train logging window and the eval record at the final step."""
+    times: list[float] = []
+    final_eval: dict[str, Any] = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("split") == "train" and rec.get("step_time_s"):
+                times.append(float(rec["step_time_s"]))
+            elif rec.get("split") == "eval" and rec.get("step") == steps:
+                final_eval = rec
+    return times, final_eval
+
+
+def result_row(sweep: Sweep, run: Run, info: dict[str, float], wall_s: float) -> results.Row:
+    """A finished run's row: sizes and FLOPs from ``info`` (``describe_model``), speed and
+    quality from its ``metrics.jsonl``, device from jax."""
+    import jax
+
+    from recjax.train import flops as flops_lib
+
+    cfg = run.config
+    row = base_row(sweep, run)
+    times, ev = _read_metrics(pathlib.Path(cfg.run_dir), cfg.train.steps)
+    if not ev:
+        raise RuntimeError(f"{cfg.run_dir}/metrics.jsonl has no eval at step {cfg.train.steps}")
+    n_dev = jax.device_count()
+    kind = jax.devices()[0].device_kind
+    peak = flops_lib.peak_flops_per_device(kind)
+    step_time = statistics.median(times) if times else None
+    flops_step_dev = info["train_flops_per_example"] * cfg.data.global_batch / n_dev
+    row.update(
+        dense_params=int(info["params_dense"]),
+        active_params=int(info.get("params_active", info["params_dense"])),
+        embedding_params=int(info["params_embedding"]),
+        fwd_flops_per_example=float(info["fwd_flops_per_example"]),
+        train_flops_total=float(info["train_flops_per_example"]) * row["examples_seen"],
+        device_kind=kind, n_devices=n_dev, peak_flops=peak, step_time_median=step_time,
+        examples_per_s=cfg.data.global_batch / step_time if step_time else None,
+        tflops_per_device=flops_step_dev / step_time / 1e12 if step_time else None,
+        mfu=flops_lib.mfu(flops_step_dev, step_time or 0.0, peak),
+        eval_logloss=ev.get("logloss"), eval_ne=ev.get("ne"), eval_auc=ev.get("auc"),
+        bayes_logloss=ev.get("bayes_logloss"), status="ok", wall_time_s=wall_s,
+    )
+    return row
+
+
+def failed_row(sweep: Sweep, run: Run, error: str, wall_s: float) -> results.Row:
+    return {**base_row(sweep, run), "status": "failed", "error": error, "wall_time_s": wall_s}
+
+
+def execute(sweep: Sweep, run: Run) -> results.Row:
+    """Train ``run`` in this process and write its row (ok or failed)."""
+    import jax
+
+    from recjax.train.loop import train
+
+    run_dir = pathlib.Path(run.config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        try:
+            with contextlib.redirect_stdout(log):
+                out = train(run.config)
+            row = result_row(sweep, run, out["model"], time.perf_counter() - t0)
+        except Exception as e:
+            log.write(traceback.format_exc())
+            error = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+            row = failed_row(sweep, run, error, time.perf_counter() - t0)
+    if jax.process_index() == 0:
+        results.upsert_row(sweep.table, row)
+    return row
+
+
+class Progress:
+    """``[done/total]`` lines with counts and an ETA from the mean wall time of runs so far."""
+
+    def __init__(self, total: int, skipped: int, procs: int, print_fn: Callable[[str], None]):
+        self.total, self.skipped, self.procs, self.print = total, skipped, procs, print_fn
+        self.walls: list[float] = []
+        self.ok = self.failed = 0
+
+    def update(self, row: results.Row) -> None:
+        self.walls.append(float(row.get("wall_time_s") or 0.0))
+        if row["status"] == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        done = self.skipped + self.ok + self.failed
+        left = self.total - done
+        eta = statistics.mean(self.walls) * left / self.procs
+        detail = (f"logloss {row['eval_logloss']:.5f}" if row.get("eval_logloss") is not None
+                  else str(row.get("error", ""))[:80])
+        self.print(
+            f"[{done:>{len(str(self.total))}}/{self.total}] {row['status']:<6} {row['run_id']} "
+            f"{detail} ({self.walls[-1]:.1f}s) | {self.ok} ok, {self.failed} failed, "
+            f"{self.skipped} skipped, {left} left | ETA {format_duration(eta)}"
+        )
+
+
+def format_duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_sweep(
+    sweep: Sweep,
+    runs: list[Run],
+    *,
+    procs: int = 1,
+    cli_overrides: list[str] | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> list[results.Row]:
+    """Run every pending run of ``runs``; returns the rows written by this call."""
+    todo = pending(runs, results.read_rows(sweep.table))
+    progress = Progress(len(runs), len(runs) - len(todo), max(procs, 1), print_fn)
+    print_fn(f"sweep {sweep.name}: {len(runs)} runs, {len(runs) - len(todo)} already done, "
+             f"{len(todo)} to run ({procs} at a time); table {sweep.table}")
+    rows = []
+    if procs <= 1:
+        for run in todo:
+            rows.append(execute(sweep, run))
+            progress.update(rows[-1])
+        return rows
+    queue, active = list(todo), {}
+    while queue or active:
+        while queue and len(active) < procs:
+            run = queue.pop(0)
+            active[run.run_id] = (run, _spawn(sweep, run, cli_overrides or []), time.perf_counter())
+        time.sleep(0.2)
+        for run_id, (run, proc, t0) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            del active[run_id]
+            rows.append(_collect(sweep, run, proc.returncode, time.perf_counter() - t0))
+            progress.update(rows[-1])
+    return rows
+
+
+def worker_command(sweep: Sweep, run: Run, cli_overrides: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "recjax.cli", "sweep", "run", str(sweep.path), "--only", run.run_id,
+        "--out-dir", str(sweep.out_dir), *cli_overrides,
+    ]
+
+
+def _spawn(sweep: Sweep, run: Run, cli_overrides: list[str]) -> subprocess.Popen:
+    run_dir = pathlib.Path(run.config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "worker.log", "a") as log:  # the child keeps its own handle
+        return subprocess.Popen(worker_command(sweep, run, cli_overrides), stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def _collect(sweep: Sweep, run: Run, returncode: int, wall_s: float) -> results.Row:
+    """The worker's own row, or a failed row if it died without writing one (exit code > 1)."""
+    row = results.by_run_id(results.read_rows(sweep.table)).get(run.run_id)
+    if returncode in (0, 1) and row is not None:
+        return row
+    log = pathlib.Path(run.config.run_dir) / "worker.log"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    last = lines[-1] if lines else "no output"
+    row = failed_row(sweep, run, f"worker exited with code {returncode}: {last}"[:500], wall_s)
+    results.upsert_row(sweep.table, row)
+    return row

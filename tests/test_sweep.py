@@ -1,0 +1,184 @@
+"""Sweep specs, stable run ids, the results table, runners (sequential and worker processes),
+failure recording, resume, status and cluster-job emission."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import pathlib
+import shutil
+
+import pytest
+import yaml
+
+from recjax.scaling import emit, results, runner
+from recjax.scaling.sweep import SpecError, expand, load_sweep
+from tests.conftest import REPO, TINY, run_cli
+
+DLRM = str(REPO / "configs" / "models" / "dlrm.yaml")
+
+
+def write_spec(tmp_path: pathlib.Path, **extra) -> pathlib.Path:
+    spec = {
+        "name": "t",
+        "base": DLRM,
+        "out_dir": str(tmp_path / "out"),
+        "overrides": {**{k: yaml.safe_load(v) for k, v in (t.split("=", 1) for t in TINY)},
+                      "train.eval_every": 0, "train.checkpoint_every": 0,
+                      "train.async_checkpoint": False},
+        "presets": {"s": {"model.top_mlp": [16]}, "m": {"model.top_mlp": [32, 16]}},
+        "grid": {"preset": ["s", "m"], "examples": [192, 384]},
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_expand_grid_presets_budgets_and_stable_ids(tmp_path):
+    sweep = load_sweep(write_spec(tmp_path, runs=[{"preset": "m", "flops": 3e8}]))
+    runs = expand(sweep)
+    assert len(runs) == 5
+    assert [r.config.train.steps for r in runs[:4]] == [3, 6, 3, 6]  # examples / batch 64
+    assert [r.config.model.top_mlp for r in runs[:4]] == [[16], [16], [32, 16], [32, 16]]
+    assert runs[0].run_id.startswith("s-") and runs[2].run_id.startswith("m-")
+    assert runs[0].config.run_dir == str(tmp_path / "out" / "runs" / runs[0].run_id)
+
+    from recjax.data.spec import feature_spec
+    from recjax.models import registry
+
+    last = runs[4]  # IsoFLOP point: steps from the analytic FLOPs
+    fwd = registry.forward_flops_per_example(last.config, feature_spec(last.config.data))
+    assert last.config.train.steps == round(3e8 / (3 * fwd * 64))
+    assert last.flops_budget == 3e8
+
+    ids = [r.run_id for r in runs]
+    assert [r.run_id for r in expand(sweep)] == ids  # deterministic
+    assert [r.run_id for r in expand(sweep, ["train.log_every=7"])] == ids  # logging: same runs
+    assert all(a != b for a, b in zip(ids, (r.run_id for r in expand(sweep, ["seed=1"])), strict=True))
+    reordered = load_sweep(write_spec(tmp_path, grid={"examples": [384, 192], "preset": ["m", "s"]}))
+    assert sorted(r.run_id for r in expand(reordered)) == sorted(ids[:4])
+
+    # a preset can name its own model file, replacing the spec's base
+    dcn = {"config": str(REPO / "configs" / "models" / "dcnv2.yaml"), "model.num_cross_layers": 1}
+    other = expand(load_sweep(write_spec(tmp_path, presets={"s": {}, "m": {}, "dcn": dcn},
+                                         grid={"preset": ["dcn"], "examples": [192]})))
+    assert other[0].config.model.name == "dcnv2" and other[0].config.model.num_cross_layers == 1
+    assert other[0].run_id.startswith("dcn-") and other[0].config.data.global_batch == 64
+
+
+@pytest.mark.parametrize(
+    ("extra", "cli", "message"),
+    [
+        ({"gird": {}}, [], "unknown sweep key 'gird': did you mean 'grid'"),
+        ({"grid": {"preset": ["xl"]}}, [], "unknown preset 'xl'"),
+        ({"grid": {"preset": ["s"], "model.top_mlp": [[8]]}}, [], "preset 's' and an axis both set"),
+        ({}, ["model.top_mlp=[4]"], "would change swept keys"),
+        ({"grid": {"model.top_mpl": [[8]]}}, [], "did you mean 'model.top_mlp'"),
+        ({"grid": {"examples": 100}}, [], "must be a non-empty list"),
+    ],
+)
+def test_spec_errors_say_what_to_fix(tmp_path, extra, cli, message):
+    with pytest.raises(SpecError, match=message):
+        expand(load_sweep(write_spec(tmp_path, **extra)), cli)
+
+
+def _append(args: tuple[str, int]) -> None:
+    path, worker = args
+    for i in range(5):
+        results.upsert_row(path, {"run_id": f"w{worker}-{i}", "status": "ok", "eval_logloss": 0.5 + i})
+
+
+def test_results_upsert_is_atomic_under_concurrent_writers(tmp_path):
+    table = tmp_path / "results.csv"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_append, [(str(table), w) for w in range(4)])
+    rows = results.read_rows(table)
+    assert sorted(r["run_id"] for r in rows) == sorted(f"w{w}-{i}" for w in range(4) for i in range(5))
+    results.upsert_row(table, {"run_id": "w0-0", "status": "failed", "error": "boom, with comma"})
+    rows = results.by_run_id(results.read_rows(table))
+    assert len(rows) == 20 and rows["w0-0"]["status"] == "failed"
+    assert rows["w0-0"]["error"] == "boom, with comma" and rows["w0-0"]["eval_logloss"] is None
+    assert rows["w1-3"]["eval_logloss"] == 3.5
+    with open(table) as f:
+        assert next(csv.reader(f)) == list(results.COLUMNS)
+    with pytest.raises(ValueError, match="unknown results column"):
+        results.upsert_row(table, {"run_id": "x", "loss": 1.0})
+
+
+def test_sweep_runs_in_workers_records_failure_and_resumes(tmp_path, capsys):
+    """A good run and a run whose model cannot be built, in 2 worker processes; then a
+    sequential rerun (in this process) skips the finished run and retries the failed one."""
+    from recjax.cli import main
+
+    spec = write_spec(tmp_path, grid={"preset": ["s", "bad"], "examples": [192]},
+                      presets={"s": {"model.top_mlp": [16]},
+                               "bad": {"model.bottom_mlp": [8, 4]}})  # last width != embedding dim
+    proc = run_cli(["sweep", "run", str(spec), "--procs", "2"], check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[2/2]" in proc.stdout and "ETA" in proc.stdout
+    rows = {r["preset"]: r for r in results.read_rows(tmp_path / "out" / "results.csv")}
+    assert set(rows) == {"s", "bad"}
+    ok = rows["s"]
+    assert ok["status"] == "ok" and ok["steps"] == 3 and ok["examples_seen"] == 192
+    assert 0 < ok["bayes_logloss"] < ok["eval_logloss"] < 1 and 0 < ok["eval_auc"] < 1
+    assert ok["dense_params"] > 0 and ok["embedding_params"] > 0 and ok["step_time_median"] > 0
+    assert ok["train_flops_total"] == pytest.approx(3 * ok["fwd_flops_per_example"] * 192)
+    assert ok["device_kind"] == "cpu" and ok["n_devices"] == 1 and ok["mfu"] is None
+    assert (pathlib.Path(ok["run_dir"]) / "worker.log").is_file()
+    assert rows["bad"]["status"] == "failed" and "bottom_mlp" in rows["bad"]["error"]
+
+    capsys.readouterr()
+    assert main(["sweep", "run", str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert "1 already done, 1 to run" in out and "failed" in out
+    assert len(results.read_rows(tmp_path / "out" / "results.csv")) == 2
+    assert main(["sweep", "status", str(spec)]) == 1
+    assert "1 failed, 1 ok of 2" in capsys.readouterr().out
+
+
+def test_dead_worker_gets_a_failed_row(tmp_path):
+    sweep = load_sweep(write_spec(tmp_path))
+    run = expand(sweep)[0]
+    log = pathlib.Path(run.config.run_dir) / "worker.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("step 1/3\nKilled\n")
+    row = runner._collect(sweep, run, -9, 1.5)
+    assert row["status"] == "failed" and "code -9: Killed" in row["error"]
+    assert results.read_rows(sweep.table)[0]["run_id"] == run.run_id
+
+
+def test_emit_dry_run_writes_one_job_per_pending_run(tmp_path):
+    launch = {"slurm": {"gpus_per_node": 8, "partition": "gpu", "setup": ["source .venv/bin/activate"]},
+              "k8s": {"image": "ghcr.io/x/recjax:1", "gpus_per_process": 8, "kind": "job"}}
+    spec = write_spec(tmp_path, launch=launch)
+    sweep = load_sweep(spec)
+    runs = expand(sweep)
+    results.upsert_row(sweep.table, {"run_id": runs[0].run_id, "status": "ok"})
+
+    proc = run_cli(["sweep", "emit", str(spec), "--target", "slurm", "--dry-run"])
+    assert "3 slurm job(s) for 4 run(s); 1 already ok" in proc.stdout
+    script = (sweep.out_dir / "jobs" / f"{runs[1].run_id}.sbatch").read_text()
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --partition=gpu" in script
+    assert "source .venv/bin/activate" in script
+    assert f"recjax sweep run {spec} --only {runs[1].run_id} --out-dir {sweep.out_dir}" in script
+    assert not (sweep.out_dir / "jobs" / f"{runs[0].run_id}.sbatch").exists()
+
+    jobs = emit.emit(sweep, runs[1:2], "k8s", dry_run=True)
+    docs = list(yaml.safe_load_all(jobs[0][0].read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    name = job["metadata"]["name"]
+    assert name.endswith(runs[1].run_id) and len(name) <= 40 and name == name.lower()
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:6] == ["recjax", "sweep", "run", str(spec), "--only", runs[1].run_id]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+    sweep.launch = {"k8s": {"gpus_per_process": 1}}
+    with pytest.raises(SpecError, match="launch.k8s.image is required"):
+        emit.emit(sweep, runs, "k8s", dry_run=True)
+    sweep.launch = {"slurm": {"gpus": 1}}
+    with pytest.raises(SpecError, match=r"unknown launch.slurm option\(s\) \['gpus'\]"):
+        emit.emit(sweep, runs, "slurm", dry_run=True)
+    if shutil.which("sbatch") is None:
+        with pytest.raises(SpecError, match="'sbatch' is not on PATH"):
+            emit.emit(sweep, runs, "slurm", dry_run=False)
