@@ -73,6 +73,11 @@ class SyntheticDataConfig:
     num_users: int = 2_000
     teacher_rank: int = 8
     teacher_hidden: int = 16
+    # teacher logit terms: linear, fm (pairwise), dense_mlp, and optionally deep (a tanh MLP
+    # over all features' latent vectors and the dense features: interactions of every order)
+    teacher_terms: list[Literal["linear", "fm", "dense_mlp", "deep"]] = field(
+        default_factory=lambda: ["linear", "fm", "dense_mlp"]
+    )
     teacher_logit_scale: float = 1.0  # scales the teacher's interaction terms
     base_ctr: float = 0.25
     seed: int = 1234

@@ -127,3 +127,33 @@ def test_bad_config():
         SyntheticCTR(dataclasses.replace(CFG, base_ctr=1.5))
     with pytest.raises(ConfigError, match="int32"):
         SyntheticCTR(dataclasses.replace(CFG, vocab_sizes=[2**31]))
+    with pytest.raises(ConfigError, match="teacher_terms"):
+        SyntheticCTR(dataclasses.replace(CFG, teacher_terms=["linear", "cubic"]))
+
+
+def test_deep_teacher_term_is_an_interaction(gen: SyntheticCTR):
+    """The ``deep`` term is not additive in the feature ids; it keeps examples, scale and CTR.
+
+    Two features of 8 ids, no dense features: the best additive model (per-id mean logits)
+    explains all of a ``linear`` teacher's logit variance, and clearly less of a ``deep`` one.
+    """
+    base = dataclasses.replace(CFG, num_sparse=2, vocab_sizes=[8], user_id=False, num_dense=0)
+    explained = {}
+    for terms in (["linear"], ["deep"]):
+        g = SyntheticCTR(dataclasses.replace(base, teacher_terms=terms))
+        ex = g.examples(np.arange(20_000, dtype=np.int64))
+        p = ex["label_prob"].astype(np.float64)
+        logit = np.log(p / (1 - p))
+        fit = np.zeros_like(logit)
+        for col in range(2):
+            ids = ex["sparse"][:, col]
+            means = np.bincount(ids, logit - logit.mean(), minlength=8) / np.maximum(np.bincount(ids, minlength=8), 1)
+            fit += means[ids]
+        explained[terms[0]] = 1 - np.var(logit - logit.mean() - fit) / np.var(logit)
+    assert explained["linear"] > 0.99
+    assert explained["deep"] < 0.95
+    deep = SyntheticCTR(dataclasses.replace(CFG, teacher_terms=["linear", "fm", "dense_mlp", "deep"]))
+    a, b = gen.examples(np.arange(5000, dtype=np.int64)), deep.examples(np.arange(5000, dtype=np.int64))
+    np.testing.assert_array_equal(a["sparse"], b["sparse"])
+    assert not np.allclose(a["label_prob"], b["label_prob"])
+    assert b["label"].mean() == pytest.approx(CFG.base_ctr, abs=0.03)

@@ -15,7 +15,10 @@ Per example (``F = num_sparse`` item features, plus the ``user`` column when ``u
   of first-order weights per (feature, id) (the user column's weight is the per-user bias),
   ``fm`` the factorization-machine sum over column pairs of the dot products of rank
   ``teacher_rank`` latent vectors per (feature, id), and ``mlp`` a fixed random tanh MLP
-  (``teacher_hidden`` units) over the dense features. Weights and latent vectors are hashed
+  (``teacher_hidden`` units) over the dense features; with ``"deep"`` in ``teacher_terms``
+  also ``deep``, a fixed random tanh MLP (``teacher_hidden`` units) over the concatenation of
+  every column's latent vector and the dense features -- interactions of every order, which
+  a pairwise (FM/DLRM-style) model cannot represent. Weights and latent vectors are hashed
   from ``(seed, feature, id, k)``. Each term is rescaled to unit std on a fixed calibration
   sample, so the non-bias part has std about ``teacher_logit_scale``; ``bias`` is then set by
   bisection so the mean CTR on that sample equals ``base_ctr``.
@@ -49,6 +52,7 @@ _USER_STREAM = 1 << 20
 _DENSE_STREAM = 1 << 21
 _LABEL_STREAM = 1 << 22
 _MAX_VOCAB = 2**31 - 1  # ids are int32
+TEACHER_TERMS = ("linear", "fm", "dense_mlp", "deep")
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -140,6 +144,14 @@ class SyntheticCTR:
         self._w1 = (rng.standard_normal((d, h)) / math.sqrt(max(d, 1))).astype(np.float32)
         self._b1 = (0.5 * rng.standard_normal(h)).astype(np.float32)
         self._w2 = rng.standard_normal(h).astype(np.float32)
+        unknown = set(cfg.teacher_terms) - set(TEACHER_TERMS)
+        if unknown or not cfg.teacher_terms:
+            raise ConfigError(f"data.synthetic.teacher_terms: choose from {TEACHER_TERMS}, got {cfg.teacher_terms}")
+        deep_in = len(vocabs) * cfg.teacher_rank + d
+        # gain 3: pre-activations of std ~3 saturate tanh, so the term is far from additive
+        self._deep_w1 = (3.0 * rng.standard_normal((deep_in, h)) / math.sqrt(deep_in)).astype(np.float32)
+        self._deep_b1 = (0.5 * rng.standard_normal(h)).astype(np.float32)
+        self._deep_w2 = rng.standard_normal(h).astype(np.float32)
         # calibration: unit-std terms, then the bias that gives base_ctr
         terms = self._terms(self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET))
         std = terms.std(axis=0)
@@ -174,7 +186,7 @@ class SyntheticCTR:
     # ----------------------------------------------------------------- teacher side
 
     def _terms(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        """Unnormalised teacher terms ``[B, 3]``: first-order, FM, dense MLP."""
+        """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order."""
         sparse, dense = feats["sparse"], feats["dense"]  # [C, B], [B, D]
         c, b = sparse.shape
         r = self.cfg.teacher_rank
@@ -188,8 +200,11 @@ class SyntheticCTR:
         lin = tot[:, r]
         v = vals[:, :, :r]
         fm = 0.5 * ((tot[:, :r] ** 2).sum(axis=1) - np.einsum("cbk,cbk->b", v, v))
-        mlp = np.tanh(dense @ self._w1 + self._b1) @ self._w2
-        return np.stack([lin, fm, mlp], axis=1).astype(np.float64)
+        terms = {"linear": lin, "fm": fm, "dense_mlp": np.tanh(dense @ self._w1 + self._b1) @ self._w2}
+        if "deep" in self.cfg.teacher_terms:
+            x = np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense], axis=1)
+            terms["deep"] = np.tanh(x @ self._deep_w1 + self._deep_b1) @ self._deep_w2
+        return np.stack([terms[t] for t in self.cfg.teacher_terms], axis=1).astype(np.float64)
 
     def examples(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The batch dict of :mod:`recjax.data.spec` for the given global ids ``[B]`` (int64).

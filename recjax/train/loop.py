@@ -72,8 +72,9 @@ def train(cfg: Config) -> dict[str, Any]:
     setup = build_setup(cfg)
     info = describe_model(setup)
     log0(
-        f"model {cfg.model.name}: {info['params_dense']:,} dense + {info['params_embedding']:,} "
-        f"embedding params; {info['fwd_flops_per_example'] / 1e6:.3f} MFLOP forward per example"
+        f"model {cfg.model.name}: {info['params_dense']:,} dense ({info['params_active']:,} active) + "
+        f"{info['params_embedding']:,} embedding params; "
+        f"{info['fwd_flops_per_example'] / 1e6:.3f} MFLOP forward per example"
     )
     log0(f"mesh {dict(setup.mesh.shape)} over {setup.n_devices} {jax.devices()[0].device_kind} device(s), "
          f"{jax.process_count()} process(es)")
