@@ -7,7 +7,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -16,19 +15,17 @@ from hypothesis import strategies as st
 from recjax.config import CONFIG_DIR, load_config
 from recjax.kernels import moe as moe_kernels
 from recjax.layers.token_mixing import mix, revert, swiglu
-from recjax.models import registry
 from recjax.models import tokenmixer_large as tml
 from recjax.train.state import describe_config
 from tests.conftest import run_python, tiny
+from tests.test_models import build as build_eager
 from tests.test_models import (
-    abstract_batch,
     build_abstract,
     features,
     make_batch,
     make_cfg,
-    xla_flops,
+    model_flops,
 )
-from tests.test_models import build as build_eager
 from tests.test_train import read_losses
 
 
@@ -249,21 +246,10 @@ def test_analytic_flops_match_xla(case):
     backward scatter-adds the gathered per-token expert weights ``[N, k, D, F]`` back into
     ``[E, D, F]``, elementwise adds XLA counts (~5% more), which the matmul count omits.
     """
-    fs = features(num_sparse=8, num_dense=13, vocab=1000)
     cfg = make_cfg(FLOPS_CASES[case], dim=32)
-    graphdef, params = nnx.split(build_abstract(cfg, fs))
-    b = 32
-    batch = abstract_batch(fs, b)
-
-    def fwd(params, batch):
-        return nnx.merge(graphdef, params)(batch)[0]
-
-    def loss(params, batch):
-        return optax.sigmoid_binary_cross_entropy(fwd(params, batch), batch["label"]).mean()
-
-    analytic = registry.forward_flops_per_example(cfg, fs) * b
-    ratio_fwd = xla_flops(fwd, params, batch) / analytic
-    ratio_train = xla_flops(jax.value_and_grad(loss), params, batch) / (3 * analytic)
+    xla_fwd, xla_train, analytic = model_flops(cfg, features(num_sparse=8, num_dense=13, vocab=1000), 32)
+    ratio_fwd = xla_fwd / analytic
+    ratio_train = xla_train / (3 * analytic)
     print(f"{case}: xla/analytic forward {ratio_fwd:.4f}, train {ratio_train:.4f}")
     assert 0.95 < ratio_fwd < 1.05
     assert 0.95 < ratio_train < (1.08 if "spmoe" in case else 1.05)
