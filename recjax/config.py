@@ -93,8 +93,35 @@ class CriteoDataConfig:
 
 
 @dataclass
+class SyntheticSequenceConfig:
+    """Latent-interest Markov process over items (``recjax.data.seq_synthetic``): each user
+    follows a chain of interests, and each interest draws items from its own Zipf catalogue."""
+
+    num_users: int = 1_000
+    num_items: int = 500
+    num_interests: int = 10
+    min_length: int = 10  # interactions per user, uniform in [min_length, max_length]
+    max_length: int = 60
+    switch_prob: float = 0.2  # chance the current interest changes before each interaction
+    zipf_exponent: float = 1.1  # item popularity within an interest
+    follow_prob: float = 0.5  # chance (interest kept) the next item is the last one's successor in the interest's ranking
+    seed: int = 1234
+
+
+@dataclass
+class SequenceDataConfig:
+    """Per-user item sequences for the sequential recommenders (``data.source: sequences``)."""
+
+    path: str = ""  # a directory written by `recjax data prepare`; "" = the synthetic generator
+    max_len: int = 50  # model input length; longer histories keep their most recent items
+    train_rows: Literal["windows", "prefixes"] = "windows"  # prefixes = RecBole's augmentation
+    mask_prob: float = 0.2  # BERT4Rec cloze: share of positions masked (80/10/10)
+    synthetic: SyntheticSequenceConfig = field(default_factory=SyntheticSequenceConfig)
+
+
+@dataclass
 class DataConfig:
-    source: Literal["synthetic", "criteo"] = "synthetic"
+    source: Literal["synthetic", "criteo", "sequences"] = "synthetic"
     global_batch: int = 512
     eval_batches: int = 16  # global batches per evaluation
     num_threads: int = 2  # grain read threads
@@ -102,6 +129,7 @@ class DataConfig:
     skip_bad_rows: bool = False  # count and skip malformed rows instead of failing
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     criteo: CriteoDataConfig = field(default_factory=CriteoDataConfig)
+    sequences: SequenceDataConfig = field(default_factory=SequenceDataConfig)
 
 
 @dataclass
@@ -164,6 +192,22 @@ class TrainConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     tensorboard: bool = True
     resume: bool = True  # continue from the newest checkpoint in run_dir
+    epochs: int = 0  # sequential recommenders: passes over the training rows; 0 = train.steps
+
+
+@dataclass
+class RankingConfig:
+    """Leave-one-out ranking evaluation of the sequential recommenders (``recjax.train.ranking``)."""
+
+    protocol: Literal["full", "sampled"] = "full"  # all items, or the target vs sampled negatives
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs of HR@K and NDCG@K
+    mask_history: bool = False  # full ranking: drop the user's past items (off = RecBole)
+    num_negatives: int = 100  # sampled protocol
+    negatives: Literal["uniform", "popularity"] = "uniform"  # sampled protocol
+    metric: str = "ndcg@10"  # validation metric for early stopping and the best checkpoint
+    patience: int = 10  # validations without improvement before stopping; 0 = never stop early
+    eval_every_epochs: int = 1
+    batch: int = 256  # users per evaluation batch
 
 
 @dataclass
@@ -184,6 +228,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
