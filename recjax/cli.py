@@ -25,9 +25,11 @@ from recjax.parallel import distributed
 PLUGINS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "kernels"): ("recjax.bench.kernels", "time and memory of the kernels' implementations"),
     ("bench", "mfu"): ("recjax.bench.mfu", "step time, examples/s, TFLOP/s and MFU of model presets"),
+    ("bench", "seqrec"): ("recjax.bench.seqrec", "memory and step time vs sequence length of the sequential recommenders' attention types"),
     ("launch", None): ("recjax.parallel.launch", "start a multi-process job: local | slurm | k8s | tpu"),
     ("sweep", None): ("recjax.scaling.sweep_cli", "run or emit a scaling-law sweep"),
     ("fit", None): ("recjax.scaling.fit_cli", "fit scaling laws to a sweep's results table"),
+    ("data", "prepare"): ("recjax.data.prepare_cli", "read interactions, filter, write per-user sequences"),
 }
 
 
@@ -65,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", help="output .tsv path")
     d.add_argument("--rows", type=int, default=10_000)
     d.add_argument("--seed", type=int, default=0)
-    _add_plugins(sub)
+    _add_plugins(sub, groups={"data": dsub})
     return parser
 
 
-def _add_plugins(sub: Any) -> None:
-    groups: dict[str, Any] = {}
+def _add_plugins(sub: Any, groups: dict[str, Any]) -> None:
+    """Add ``PLUGINS``; a ``(group, child)`` entry joins ``groups[group]`` or a new group."""
     for (name, child), (module, help_text) in PLUGINS.items():
         mod = importlib.import_module(module)
         if child is None:
@@ -103,6 +105,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if cfg.data.source == "sequences":
+        from recjax.train.seqrec_loop import train_seqrec
+
+        train_seqrec(cfg)
+        return 0
     from recjax.train.loop import train
 
     train(cfg)
@@ -111,6 +118,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if cfg.data.source == "sequences":
+        from recjax.train.seqrec_loop import NoCheckpointError, evaluate_seqrec
+
+        try:
+            out = evaluate_seqrec(cfg)
+        except NoCheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(out))
+        return 0
     import jax
 
     from recjax.train.checkpoint import Checkpointer

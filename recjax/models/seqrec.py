@@ -1,0 +1,331 @@
+"""Sequential recommenders on one backbone: SASRec, BERT4Rec, LinRec, Cotten4Rec.
+
+Shapes: ``B`` batch, ``S`` sequence length (``<= max_len``), ``d = hidden``, ``H = num_heads``,
+``d_h = d / H``, ``V = num_items + 2`` item ids (0 = padding, 1..num_items the items,
+``num_items + 1`` = [MASK]). Sequences are left-aligned: row ``b`` is valid at ``t < n_b``
+(``lengths[b]``) and padding after. The backbone (MODELS.md section 4)::
+
+    x_0[t] = dropout(E[i_t] + P[t])                                  E [V, d], P [max_len, d]
+    a_l    = x_{l-1} + dropout(W_o Attn(LN_1(x_{l-1})) + b_o)         l = 1..L, pre-LN
+    x_l    = a_l + dropout(W_2 gelu(W_1 LN_2(a_l) + b_1) + b_2)       W_1 [d, inner]
+    h[t]   = LN_f(x_L)[t] if t < n_b else 0                           encode() -> [B, S, d]
+    logits = h E_out^T + b_out                                        item_logits() -> [..., V]
+
+with ``E_out = E`` (``tie_embeddings``) or a separate ``[V, d]`` table. Attention per head
+over the valid keys ``s < n_b`` (and ``s <= t`` when ``causal``):
+
+- ``softmax`` (SASRec, BERT4Rec): ``softmax(q k^T / sqrt(d_h)) v``, dropout
+  (``attn_dropout``) on the probabilities; padded query rows are 0.
+- ``elu_l2`` (LinRec): ``N(elu(q)) (N(elu(k))^T v) / sqrt(d_h)``, N = L2 normalisation
+  over ``d_h``, via :func:`recjax.kernels.linear_attention.linear_attention`.
+- ``cosine`` (Cotten4Rec): ``q^ (k^T v) / max(n_b^sigmoid(m_h), 1)``, q^ and k^ unit vectors,
+  ``m_h`` a learnable per-head scalar (``length_scale``, ``[H]``, init ``length_scale_init``).
+
+The four models are configurations (``configs/models/*.yaml``): SASRec softmax + causal +
+next_item; BERT4Rec softmax + bidirectional + cloze; LinRec elu_l2 + causal + next_item;
+Cotten4Rec cosine + bidirectional + cloze.
+
+Choices (not fixed by the sources; each is the simplest faithful option):
+
+- Pre-LN blocks with a final LayerNorm for all four (MODELS.md). RecBole's SASRec and
+  BERT4Rec are post-LN (LayerNorm after each residual sum and on the embedding sum); there
+  is no LayerNorm on the embedding sum here.
+- Dropout sits where RecBole puts it: on the embedding sum and on each residual branch
+  (``dropout``), and on the softmax probabilities (``attn_dropout``). Linear attention has no
+  probability matrix, so ``attn_dropout`` does not apply to it.
+- GELU is the exact (erf) form, as in RecBole. Projections q, k, v, o have biases; all
+  weights are ``N(0, init_std)``, biases 0, LayerNorm scale 1.
+- The output bias ``b_out [V]`` is used for every objective (RecBole's SASRec has none).
+- LinRec is causal here (``causal`` is a key): the paper's SASRec-based setting.
+- ``max_len`` is the size of the position table; shorter inputs use its first ``S`` rows.
+
+Dropout draws from an explicit key (``rng``), so the module holds parameters only and the
+trainer can ``nnx.split`` it once and jit a pure function of the parameters. Pass an
+``rbg`` key (``jax.random.key(seed, impl="rbg")``, what the trainer uses): its bit generator
+compiles ~5x faster than threefry on CPU and is faster on GPU; its streams are
+deterministic per backend but differ between backends.
+
+The registry entry ``seqrec`` carries the config class and the analytic FLOPs; its builder
+takes a CTR ``FeatureSpec`` and does not fit, so it raises and the module is built with
+:func:`build_seqrec` ``(cfg, num_items, rngs)`` (``recjax.train.seqrec_loop`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recjax.config import Config, ConfigError, ModelConfig
+from recjax.data.spec import FeatureSpec
+from recjax.kernels.linear_attention import IMPLS, linear_attention
+from recjax.models.registry import register
+
+
+@dataclass
+class SeqRecConfig(ModelConfig):
+    name: str = "seqrec"
+    hidden: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner: int = 256  # FFN width
+    dropout: float = 0.5  # embedding sum and residual branches
+    attn_dropout: float = 0.5  # softmax probabilities only
+    attention: Literal["softmax", "elu_l2", "cosine"] = "softmax"
+    causal: bool = True
+    objective: Literal["next_item", "cloze"] = "next_item"
+    tie_embeddings: bool = True
+    loss: Literal["full", "sampled"] = "full"  # next_item: softmax over all items, or sampled
+    num_sampled: int = 100  # loss: sampled -- uniform negatives per batch
+    sampled_loss: Literal["ce", "bce"] = "ce"  # softmax over target + negatives, or per-item BCE
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    length_scale_init: float = 0.5  # Cotten4Rec's m_h
+    attention_impl: str = "auto"  # linear attention: auto | pallas | xla | reference | interpret
+    compute_dtype: Literal["", "float32", "bfloat16"] = ""  # "" = train.compute_dtype
+
+
+def check_config(mcfg: SeqRecConfig) -> None:
+    """Raise ``ConfigError`` for values the backbone cannot use."""
+    problems = []
+    for key in ("hidden", "num_layers", "num_heads", "inner"):
+        if getattr(mcfg, key) <= 0:
+            problems.append(f"model.{key} must be positive, got {getattr(mcfg, key)}")
+    if mcfg.num_heads > 0 and mcfg.hidden % mcfg.num_heads:
+        problems.append(
+            f"model.hidden={mcfg.hidden} must be divisible by model.num_heads={mcfg.num_heads}"
+        )
+    for key in ("dropout", "attn_dropout"):
+        if not 0.0 <= getattr(mcfg, key) < 1.0:
+            problems.append(f"model.{key} must be in [0, 1), got {getattr(mcfg, key)}")
+    if mcfg.attention_impl not in IMPLS:
+        problems.append(f"model.attention_impl must be one of {IMPLS}, got {mcfg.attention_impl!r}")
+    if mcfg.loss == "sampled" and mcfg.objective != "next_item":
+        problems.append("model.loss=sampled is implemented for model.objective=next_item only")
+    if mcfg.loss == "sampled" and mcfg.num_sampled <= 0:
+        problems.append(f"model.num_sampled must be positive, got {mcfg.num_sampled}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def compute_dtype(cfg: Config) -> jnp.dtype:
+    name = cfg.model.compute_dtype or cfg.train.compute_dtype  # type: ignore[attr-defined]
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when ``rng`` is None (evaluation) or ``rate`` is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _key(rng: jax.Array | None, i: int) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+def _linear(din: int, dout: int, axes: tuple[str | None, str | None], std: float,
+            dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        din, dout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+    )
+
+
+def _layer_norm(dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention ``[B, S, d] -> [B, S, d]`` of the configured type."""
+
+    def __init__(self, mcfg: SeqRecConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, std = mcfg.hidden, mcfg.init_std
+        self.kind = mcfg.attention
+        self.causal = mcfg.causal
+        self.heads = mcfg.num_heads
+        self.attn_dropout = mcfg.attn_dropout
+        self.impl = mcfg.attention_impl
+        self.q = _linear(d, d, ("embed", "heads"), std, dtype, rngs)
+        self.k = _linear(d, d, ("embed", "heads"), std, dtype, rngs)
+        self.v = _linear(d, d, ("embed", "heads"), std, dtype, rngs)
+        self.o = _linear(d, d, ("heads", "embed"), std, dtype, rngs)
+        if self.kind == "cosine":
+            self.length_scale = nnx.Param(
+                jnp.full((self.heads,), mcfg.length_scale_init, jnp.float32), out_sharding=("heads",)
+            )
+
+    def __call__(self, x: jax.Array, lengths: jax.Array, rng: jax.Array | None) -> jax.Array:
+        b, s, d = x.shape
+        q, k, v = (f(x).reshape(b, s, self.heads, d // self.heads) for f in (self.q, self.k, self.v))
+        if self.kind == "softmax":
+            out = self._softmax(q, k, v, lengths, rng)
+        else:
+            out = linear_attention(
+                q, k, v, causal=self.causal, lengths=lengths, impl=self.impl,
+                feature_map=self.kind,
+                length_scale=self.length_scale[...] if self.kind == "cosine" else None,
+            )
+        return self.o(out.reshape(b, s, d))
+
+    def _softmax(self, q, k, v, lengths, rng):
+        s, dh = q.shape[1], q.shape[-1]
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(dh)
+        pos = jnp.arange(s)
+        valid = pos[None, :] < lengths[:, None]  # [B, S]
+        allowed = valid[:, None, None, :]  # keys
+        if self.causal:
+            allowed = allowed & (pos[None, None, :, None] >= pos[None, None, None, :])
+        # a finite floor keeps fully masked (padded) rows NaN-free; they are zeroed below
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jnp.where(valid[:, None, :, None], probs, 0.0)
+        probs = dropout(probs, self.attn_dropout, rng).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: attention and FFN residual branches."""
+
+    def __init__(self, mcfg: SeqRecConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, eps, std = mcfg.hidden, mcfg.layer_norm_eps, mcfg.init_std
+        self.rate = mcfg.dropout
+        self.norm_attn = _layer_norm(d, eps, dtype, rngs)
+        self.attn = Attention(mcfg, dtype, rngs)
+        self.norm_ffn = _layer_norm(d, eps, dtype, rngs)
+        self.ffn_in = _linear(d, mcfg.inner, ("embed", "mlp"), std, dtype, rngs)
+        self.ffn_out = _linear(mcfg.inner, d, ("mlp", "embed"), std, dtype, rngs)
+
+    def __call__(self, x: jax.Array, lengths: jax.Array, rng: jax.Array | None) -> jax.Array:
+        x = x + dropout(self.attn(self.norm_attn(x), lengths, _key(rng, 0)), self.rate, _key(rng, 1))
+        y = self.ffn_out(jax.nn.gelu(self.ffn_in(self.norm_ffn(x)), approximate=False))
+        return x + dropout(y, self.rate, _key(rng, 2))
+
+
+class SeqRec(nnx.Module):
+    """The shared backbone; see the module docstring. Parameters only (dropout keys are passed)."""
+
+    def __init__(self, mcfg: SeqRecConfig, num_items: int, max_len: int, *, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        check_config(mcfg)
+        if num_items <= 0 or max_len <= 0:
+            raise ConfigError(f"seqrec needs num_items > 0 and max_len > 0, got {num_items}, {max_len}")
+        d, std = mcfg.hidden, mcfg.init_std
+        self.num_items = num_items
+        self.max_len = max_len
+        self.rate = mcfg.dropout
+        self.dtype = dtype
+        normal = nnx.initializers.normal(std)
+        # not named "tables": the optimizer's embedding group (row-wise Adagrad) is for CTR tables
+        self.item_embedding = nnx.Param(
+            normal(rngs.params(), (num_items + 2, d), jnp.float32), out_sharding=("table_rows", "embed")
+        )
+        self.position_embedding = nnx.Param(
+            normal(rngs.params(), (max_len, d), jnp.float32), out_sharding=(None, "embed")
+        )
+        self.blocks = nnx.List([Block(mcfg, dtype, rngs) for _ in range(mcfg.num_layers)])
+        self.final_norm = _layer_norm(d, mcfg.layer_norm_eps, dtype, rngs)
+        self.output_embedding = None if mcfg.tie_embeddings else nnx.Param(
+            normal(rngs.params(), (num_items + 2, d), jnp.float32), out_sharding=("table_rows", "embed")
+        )
+        self.output_bias = nnx.Param(jnp.zeros((num_items + 2,), jnp.float32), out_sharding=("table_rows",))
+
+    @property
+    def mask_id(self) -> int:
+        return self.num_items + 1
+
+    def encode(self, inputs: jax.Array, lengths: jax.Array, *, train: bool,
+               rng: jax.Array | None = None) -> jax.Array:
+        """``inputs [B, S] int32, lengths [B] int32 -> h [B, S, d]`` (zero at ``t >= lengths``).
+
+        ``train=True`` applies dropout with keys derived from ``rng``; without ``rng`` a fixed
+        key is used (deterministic masks, for benchmarks; the trainer always passes one).
+        """
+        s = inputs.shape[1]
+        if s > self.max_len:
+            raise ValueError(f"seqrec: input length {s} exceeds max_len {self.max_len}")
+        if train and rng is None:
+            rng = jax.random.key(0, impl="rbg")
+        if not train:
+            rng = None
+        lengths = lengths.astype(jnp.int32)
+        x = jnp.take(self.item_embedding[...], inputs, axis=0) + self.position_embedding[...][:s]
+        x = dropout(x.astype(self.dtype), self.rate, _key(rng, 0))
+        for i, block in enumerate(self.blocks):
+            x = block(x, lengths, _key(rng, i + 1))
+        h = self.final_norm(x)
+        return jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[..., None], h, 0.0).astype(self.dtype)
+
+    def output_rows(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Output vectors ``[..., d]`` and biases ``[...]`` of item ``ids`` (sampled scoring)."""
+        table = self.item_embedding if self.output_embedding is None else self.output_embedding
+        return jnp.take(table[...], ids, axis=0), jnp.take(self.output_bias[...], ids, axis=0)
+
+    def item_logits(self, h: jax.Array) -> jax.Array:
+        """``h [..., d] -> [..., V]`` fp32 raw logits over every id (callers mask 0 and V-1)."""
+        table = self.item_embedding if self.output_embedding is None else self.output_embedding
+        logits = jnp.einsum(
+            "...d,vd->...v", h.astype(self.dtype), table[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return logits + self.output_bias[...]
+
+
+def build_seqrec(cfg: Config, num_items: int, rngs: nnx.Rngs) -> SeqRec:
+    """The backbone for ``cfg.model`` (a ``SeqRecConfig``) over ``num_items`` items."""
+    if not isinstance(cfg.model, SeqRecConfig):
+        raise ConfigError(f"build_seqrec needs model.name: seqrec, got {cfg.model.name!r}")
+    return SeqRec(cfg.model, num_items, cfg.data.sequences.max_len, dtype=compute_dtype(cfg), rngs=rngs)
+
+
+def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
+                               output_positions: int | None = None) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one sequence's forward pass.
+
+    Per layer: projections ``8 S d^2``; FFN ``4 S d inner``; attention ``4 S^2 d`` (softmax:
+    scores and weighted sum over the full S x S, as computed), ``4 S d d_h`` (linear,
+    non-causal: ``phi_k^T v`` and ``phi_q state``) or ``4 S d d_h + 4 S c d`` (linear, causal,
+    chunk ``c = min(64, S)``: the XLA path's intra-chunk products). Output: ``2 P d V`` over
+    ``P = output_positions`` (default ``S``; 1 for a scoring or prefix pass) and ``V`` ids.
+    """
+    s, d, dh = seq_len, mcfg.hidden, mcfg.hidden // mcfg.num_heads
+    if mcfg.attention == "softmax":
+        attn = 4.0 * s * s * d
+    else:
+        attn = 4.0 * s * d * dh + (4.0 * s * min(64, s) * d if mcfg.causal else 0.0)
+    per_layer = 8.0 * s * d * d + 4.0 * s * d * mcfg.inner + attn
+    p = s if output_positions is None else output_positions
+    return mcfg.num_layers * per_layer + 2.0 * p * d * (num_items + 2)
+
+
+def _num_items(cfg: Config) -> int:
+    seq = cfg.data.sequences
+    if not seq.path:
+        return seq.synthetic.num_items
+    from recjax.data.seq_prepare import load_sequences
+
+    return load_sequences(seq.path).num_items
+
+
+def _registry_flops(cfg: Config, features: FeatureSpec) -> float:
+    del features
+    mcfg: SeqRecConfig = cfg.model  # type: ignore[assignment]
+    return forward_flops_per_sequence(mcfg, _num_items(cfg), cfg.data.sequences.max_len)
+
+
+def _registry_build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+    raise ConfigError(
+        "model 'seqrec' is a sequential recommender: it is trained with data.source: sequences "
+        "(`recjax train` dispatches to recjax.train.seqrec_loop) and built with "
+        "recjax.models.seqrec.build_seqrec(cfg, num_items, rngs), not from a CTR feature spec."
+    )
+
+
+register("seqrec", SeqRecConfig, _registry_build, _registry_flops)
