@@ -476,8 +476,9 @@ def train_seqrec(cfg: Config) -> dict[str, Any]:
                     f"non-finite training loss in epoch {epoch}; stopping. The last checkpoint in "
                     f"{ckpt.directory} (end of epoch {epoch - 1}) is the last good state. Lower "
                     "optim.dense.lr or check the data.")
+            # every seqrec parameter is in the dense group (no "tables"), so only its rate applies
             train_metrics = {"loss": loss_mean, "grad_norm": gnorm_mean, "sequences_per_s": rows / epoch_s,
-                             **lrs(first + steps - 1)}
+                             "lr_dense": lrs(first + steps - 1)["lr_dense"]}
             logger.log(epoch, train_metrics, "train")
             line = (f"epoch {epoch:>{len(str(epochs))}}/{epochs} | loss {loss_mean:.4f} | "
                     f"{rows / epoch_s:,.0f} seq/s")
