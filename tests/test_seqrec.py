@@ -300,7 +300,7 @@ def test_losses_are_finite_and_decrease_on_synthetic_sequences(model):
     rows = sp.train_rows(split, 10, cfg.data.sequences.train_rows, cfg.model.objective)
     batches = sp.TrainBatches(rows, 64, seed=0, objective=cfg.model.objective, num_items=100, mask_prob=0.2)
     tx = sl.optim.make_optimizer(cfg.optim, 100)
-    graphdef, _, init = sl._init_params(cfg, 100)
+    graphdef, _, init = sl.init_params(cfg, 100)
     params = init(jax.random.key(0, impl="rbg"))
     opt_state = tx.init(params)
     step = sl.make_train_step(graphdef, tx, cfg)
@@ -320,7 +320,7 @@ def test_evaluation_ranks_match_the_numpy_spec_for_every_protocol():
 
     cfg = e2e_cfg(pathlib.Path("unused"))
     split = sp.leave_one_out(sp.load_for_config(cfg.data.sequences))
-    graphdef, _, init = sl._init_params(cfg, 100)
+    graphdef, _, init = sl.init_params(cfg, 100)
     params = init(jax.random.key(0, impl="rbg"))
 
     @jax.jit

@@ -245,35 +245,31 @@ def _train_step(spec: dict[str, Any], cache: dict) -> tuple[Any, tuple[Any, Any]
     """The jitted ``(params, batch) -> (loss, grads)``, its arguments, and facts for the row."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
-    from recjax.models.seqrec import build_seqrec
+    from recjax.train.seqrec_loop import init_params, sequence_loss
 
     b, s, n_items = spec["batch"], spec["max_len"], spec["num_items"]
     cfg = row_config(spec)
-    make = lambda key: build_seqrec(cfg, n_items, nnx.Rngs(params=key))
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
-    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), nnx.to_pure_dict(abstract))
+    graphdef, abstract, init = init_params(cfg, n_items)
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), abstract)
     key = (spec["seed"], json.dumps(shapes, sort_keys=True))
     if key not in cache:  # initialising costs a compile; types with the same shapes share it
-        init = jax.jit(lambda key: nnx.to_pure_dict(nnx.split(make(key))[1]))
         cache[key] = init(jax.random.key(spec["seed"]))
     params = cache[key]
 
     def loss_fn(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        # the trainer's loss; targets only at the last position (what prefix rows train on)
         model = nnx.merge(graphdef, params)
-        h = model.encode(batch["inputs"], batch["lengths"], train=True, rng=batch["rng"])  # [B, S, d]
-        last = h[jnp.arange(b), batch["lengths"] - 1]  # [B, d]
-        logits = model.item_logits(last)[:, 1:n_items + 1]  # items only: no padding, no [MASK]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"] - 1).mean()
+        return sequence_loss(model, batch, batch["rng"], cfg.model, last_only=True)[0]
 
     k_in, k_target, k_drop = jax.random.split(jax.random.key(spec["seed"] + 1), 3)
     inputs = jax.random.randint(k_in, (b, s), 1, n_items + 1, jnp.int32)
     if cfg.model.objective == "cloze":
         inputs = inputs.at[:, -1].set(n_items + 1)  # the appended [MASK] that the loss reads
+    last_targets = jax.random.randint(k_target, (b,), 1, n_items + 1, jnp.int32)
     batch = {"inputs": inputs, "lengths": jnp.full((b,), s, jnp.int32), "rng": k_drop,
-             "targets": jax.random.randint(k_target, (b,), 1, n_items + 1, jnp.int32)}
+             "targets": jnp.zeros((b, s), jnp.int32).at[:, -1].set(last_targets)}
     impl = cfg.model.attention_impl
     if cfg.model.attention == "softmax":
         impl = "einsum (B x heads x S x S scores)"

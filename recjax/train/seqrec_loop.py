@@ -206,7 +206,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, cfg: Config
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = optax.global_norm(grads)
         return optax.apply_updates(params, updates), opt_state, loss, grad_norm
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
@@ -341,7 +341,7 @@ def _check_ranking(cfg: Config) -> None:
         raise ConfigError("ranking.batch and ranking.eval_every_epochs must be positive")
 
 
-def _init_params(cfg: Config, num_items: int) -> tuple[Any, Any, Any]:
+def init_params(cfg: Config, num_items: int) -> tuple[Any, Any, Any]:
     """(graphdef, abstract params, a function key -> params), nothing allocated yet."""
     def make(key):
         return build_seqrec(cfg, num_items, nnx.Rngs(params=key))
@@ -401,7 +401,7 @@ def train_seqrec(cfg: Config) -> dict[str, Any]:
     else:
         total_steps, epochs = cfg.train.steps, max(1, -(-cfg.train.steps // spe))
     tx = optim.make_optimizer(cfg.optim, total_steps)
-    graphdef, abstract_params, init = _init_params(cfg, prep.num_items)
+    graphdef, abstract_params, init = init_params(cfg, prep.num_items)
     abstract_state = _with_sharding(jax.eval_shape(
         lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}, abstract_params))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params))
@@ -580,7 +580,7 @@ def evaluate_seqrec(cfg: Config) -> dict[str, Any]:
         if epoch is None:
             raise NoCheckpointError(f"no finished best checkpoint in {best_ckpt.directory}")
         prep = prepare(cfg, train=False)
-        graphdef, abstract_params, _ = _init_params(cfg, prep.num_items)
+        graphdef, abstract_params, _ = init_params(cfg, prep.num_items)
         restored, _ = best_ckpt.restore(epoch, {"params": _with_sharding(abstract_params)})
     finally:
         best_ckpt.close()
