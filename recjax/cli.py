@@ -19,6 +19,7 @@ import pathlib
 import sys
 from typing import Any
 
+from recjax.errors import ConfigError, UserError
 from recjax.parallel import distributed
 
 # (subcommand, sub-subcommand or None) -> module with add_arguments(parser) and run(args)
@@ -45,9 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a model")
     _add_config_args(p)
     p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with train.resume=false: delete the run_dir's earlier run and start over")
+    p.add_argument("--accept-config-changes", action="store_true",
+                   help="resume although keys that should not change between sessions changed")
     distributed.add_arguments(p)
 
-    p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run")
+    p = sub.add_parser("eval", help="evaluate the best (or newest) checkpoint of a run")
     _add_config_args(p)
     p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
     distributed.add_arguments(p)
@@ -104,49 +109,20 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg.data.source == "sequences":
-        from recjax.train.seqrec_loop import train_seqrec
+    from recjax.train.trainer import train
 
-        train_seqrec(cfg)
-        return 0
-    from recjax.train.loop import train
-
-    train(cfg)
+    train(_load(args), overwrite=args.overwrite, accept_config_changes=args.accept_config_changes)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if cfg.data.source == "sequences":
-        from recjax.train.seqrec_loop import NoCheckpointError, evaluate_seqrec
-
-        try:
-            out = evaluate_seqrec(cfg)
-        except NoCheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(json.dumps(out))
-        return 0
     import jax
 
-    from recjax.train.checkpoint import Checkpointer
-    from recjax.train.loop import evaluate, format_eval
-    from recjax.train.state import build_setup
-    from recjax.train.step import make_eval_step
+    from recjax.train.trainer import evaluate
 
-    setup = build_setup(cfg)
-    ckpt = Checkpointer(cfg.run_dir, keep=cfg.train.keep_checkpoints, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        print(f"error: no checkpoint under {ckpt.directory}", file=sys.stderr)
-        return 1
-    state, _ = ckpt.restore(step, setup.abstract_state)
-    metrics = evaluate(setup, make_eval_step(setup), state["params"])
+    out = evaluate(_load(args))
     if jax.process_index() == 0:
-        print(format_eval(step, metrics))
-        print(json.dumps({"step": step, **metrics}))
-    ckpt.close()
+        print(json.dumps(out))
     return 0
 
 
@@ -192,8 +168,6 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compile": cmd_compile, "param
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _use_virtual_devices(getattr(args, "devices", None))
-    from recjax.config import ConfigError
-
     try:
         # train/eval join a multi-process job when one is configured; compile joins only for the
         # real devices (with --devices it compiles for a virtual topology in this one process)
@@ -202,23 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "plugin_run"):
             return args.plugin_run(args)
         return COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what to fix; printed without a traceback."""
-    from recjax.data.criteo import DataError
-    from recjax.train.checkpoint import CheckpointMismatchError
-    from recjax.train.loop import NonFiniteLossError
-
-    return (DataError, CheckpointMismatchError, NonFiniteLossError, distributed.DistributedError)
+    except UserError as e:
+        code = getattr(e, "exit_code", 2 if isinstance(e, ConfigError) else 1)
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"{kind}: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

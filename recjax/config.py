@@ -11,7 +11,10 @@ Resolution order (later wins):
 Every key is checked against the dataclass schema below: an unknown key raises a
 ``ConfigError`` naming the closest valid key, a wrong type names the key, the
 expected type and the given value. The ``model`` section is validated against the
-dataclass registered for ``model.name`` (see ``recjax.models.registry``).
+dataclass registered for ``model.name`` and the whole config against the model's task
+(``recjax.registry``: looked up by name, so this module imports no model or task code).
+Cross-key checks that need no devices (positive sizes, mesh rule axes, eval cadence) run
+here too, so a bad value fails before anything is written.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from typing import Any, Literal
 
 import yaml
 
+from recjax import registry
+
+from recjax.errors import ConfigError
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 
-class ConfigError(ValueError):
-    """A configuration problem a person can fix; the message says what and where."""
 
 
 # ----------------------------------------------------------------------------- schema
@@ -149,6 +154,9 @@ class EmbeddingConfig:
     combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
     placement: Literal["replicated", "row_sharded"] = "row_sharded"
     oov: Literal["hash", "drop"] = "hash"  # out-of-vocabulary ids: modulo-hash, or zero vector
+    # table rows are rounded up to a multiple of this, so a row-sharded table divides over its
+    # shards (the trainer refuses one that does not); padding rows are never looked up
+    pad_rows_to: int = 1
     # explicit tables; empty = one table per feature, sized by the data's vocabulary
     tables: list[TableConfig] = field(default_factory=list)
 
@@ -183,16 +191,22 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps; ignored when epochs > 0
+    epochs: int = 0  # passes over a finite training set (sequential tasks); 0 = train.steps
     log_every: int = 50
-    eval_every: int = 250  # 0: only at the end
-    checkpoint_every: int = 250  # 0: only at the end
+    eval_every: int = 250  # steps; 0: only at the end (unless eval_every_epochs)
+    eval_every_epochs: int = 0  # epochs between evaluations (epoch-based runs); 0: off
+    checkpoint_every: int = 250  # steps; 0: only at the end (unless checkpoint_every_epochs)
+    checkpoint_every_epochs: int = 0  # epochs between checkpoints; 0: off
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     tensorboard: bool = True
     resume: bool = True  # continue from the newest checkpoint in run_dir
-    epochs: int = 0  # sequential recommenders: passes over the training rows; 0 = train.steps
+    # best checkpoint and early stopping on an eval metric "split/name", e.g. valid/ndcg@10
+    best_metric: str = ""  # "": no best checkpoint; the final evaluation uses the last params
+    best_mode: Literal["max", "min"] = "max"
+    patience: int = 0  # evaluations without improvement of best_metric before stopping; 0 = never
 
 
 @dataclass
@@ -204,10 +218,7 @@ class RankingConfig:
     mask_history: bool = False  # full ranking: drop the user's past items (off = RecBole)
     num_negatives: int = 100  # sampled protocol
     negatives: Literal["uniform", "popularity"] = "uniform"  # sampled protocol
-    metric: str = "ndcg@10"  # validation metric for early stopping and the best checkpoint
-    patience: int = 10  # validations without improvement before stopping; 0 = never stop early
-    eval_every_epochs: int = 1
-    batch: int = 256  # users per evaluation batch
+    batch: int = 256  # users per evaluation batch (global, over all processes)
 
 
 @dataclass
@@ -235,14 +246,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# model name -> its config dataclass; filled by recjax.models.registry
-MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}
-
-
-def register_model_config(name: str, cls: type[ModelConfig]) -> None:
-    MODEL_CONFIGS[name] = cls
 
 
 # ----------------------------------------------------------------------------- loading
@@ -328,14 +331,57 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | N
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    _ensure_models_registered()
     raw = {**raw, "model": raw.get("model") or {}}  # always validate through the model's own class
-    return _build(Config, raw, "")
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
 
 
-def _ensure_models_registered() -> None:
-    if not MODEL_CONFIGS:
-        import recjax.models  # noqa: F401  (registers model configs)
+def task_name(cfg: Config) -> str:
+    """The task that trains ``cfg.model`` (each registered model names its task)."""
+    return model_entry(cfg.model.name).task
+
+
+def model_entry(name: str) -> Any:
+    try:
+        return registry.MODELS.get(name)
+    except registry.UnknownNameError as e:
+        raise ConfigError(f"model.name: {e}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key checks that need no devices; then the task's own checks of its sections."""
+    t, d = cfg.train, cfg.data
+    positive = {"data.global_batch": d.global_batch, "data.eval_batches": d.eval_batches}
+    if t.epochs == 0:
+        positive["train.steps"] = t.steps
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key in ("epochs", "log_every", "eval_every", "eval_every_epochs", "checkpoint_every",
+                "checkpoint_every_epochs", "patience"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    if t.patience > 0 and not t.best_metric:
+        raise ConfigError("train.patience needs train.best_metric (the metric to watch), "
+                          "e.g. train.best_metric=valid/ndcg@10")
+    if t.best_metric and "/" not in t.best_metric:
+        raise ConfigError(f"train.best_metric must be 'split/metric' (e.g. valid/ndcg@10 or "
+                          f"eval/auc), got {t.best_metric!r}")
+    axes = [f.name for f in dataclasses.fields(MeshConfig) if f.name != "rules"]
+    for logical, mesh_axes in cfg.mesh.rules.items():
+        for a in mesh_axes:
+            if a not in axes:
+                close = difflib.get_close_matches(a, axes, n=1, cutoff=0.0)
+                raise ConfigError(f"mesh.rules.{logical}: unknown mesh axis '{a}'; did you mean "
+                                  f"'{close[0]}'? (mesh axes: {', '.join(axes)})")
+    try:
+        task = registry.TASKS.get(task_name(cfg))
+    except registry.UnknownNameError as e:
+        raise ConfigError(f"model '{cfg.model.name}': {e}") from None
+    task.check_config(cfg)
 
 
 def _valid_keys(cls: type, prefix: str) -> list[str]:
@@ -373,14 +419,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         where = prefix.rstrip(".") or "<root>"
         raise ConfigError(f"config key '{where}' must be a mapping, got {raw!r}")
     if cls is ModelConfig or (isinstance(cls, type) and issubclass(cls, ModelConfig)):
-        name = raw.get("name", ModelConfig.name)
-        if name not in MODEL_CONFIGS:
-            close = difflib.get_close_matches(str(name), list(MODEL_CONFIGS), n=1)
-            hint = f" did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown model '{name}' at '{prefix}name';{hint} registered: {sorted(MODEL_CONFIGS)}"
-            )
-        cls = MODEL_CONFIGS[name]
+        cls = model_entry(raw.get("name", ModelConfig.name)).config_cls
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -458,9 +497,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported schema type {tp}")
 
 
-def save_config(cfg: Config, run_dir: str | pathlib.Path) -> pathlib.Path:
-    """Write the resolved config as YAML (for people) and JSON (for tools) into run_dir."""
-    run_dir = pathlib.Path(run_dir)
+def save_config(cfg: Config, run_dir: Any) -> Any:
+    """Write the resolved config as YAML (for people) and JSON (for tools) into ``run_dir``
+    (an ``etils.epath.Path`` or anything it accepts: local paths and object stores)."""
+    from etils import epath
+
+    run_dir = epath.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

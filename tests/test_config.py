@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-from recjax.config import ConfigError, load_config, parse_overrides
+from recjax.config import load_config, parse_overrides
+from recjax.errors import ConfigError
 
 
 def test_base_loads_with_defaults():

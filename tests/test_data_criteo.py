@@ -9,13 +9,13 @@ import pytest
 
 from recjax.data.criteo import (
     CriteoReader,
-    DataError,
     hash_categorical,
     lines_to_batch,
     parse_lines,
     parse_row,
     write_criteo_tsv,
 )
+from recjax.errors import DataError
 
 VOCABS = [7, 1000, 10**6, 2**31 - 1] * 6 + [3, 50]
 

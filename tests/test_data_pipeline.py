@@ -8,10 +8,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from recjax.config import ConfigError, CriteoDataConfig, DataConfig, SyntheticDataConfig
+from recjax.config import CriteoDataConfig, DataConfig, SyntheticDataConfig
 from recjax.data import pipeline
-from recjax.data.criteo import DataError, write_criteo_tsv
+from recjax.data.criteo import write_criteo_tsv
 from recjax.data.synthetic import EVAL_OFFSET
+from recjax.errors import ConfigError, DataError
 
 SYN = DataConfig(
     global_batch=64, eval_batches=3, num_threads=2, prefetch=2,

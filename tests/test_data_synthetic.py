@@ -5,8 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from recjax.config import ConfigError, SyntheticDataConfig
+from recjax.config import SyntheticDataConfig
 from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR, bayes_logloss, zipf_ids, zipf_top_share
+from recjax.errors import ConfigError
 
 CFG = SyntheticDataConfig()
 

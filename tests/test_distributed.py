@@ -21,7 +21,8 @@ import pytest
 from recjax.config import CriteoDataConfig, DataConfig, SyntheticDataConfig
 from recjax.data import pipeline
 from recjax.data.criteo import write_criteo_tsv
-from recjax.parallel.distributed import DistributedError, resolve
+from recjax.errors import CheckpointMismatchError, DistributedError
+from recjax.parallel.distributed import resolve
 from recjax.parallel.launch import free_port
 from tests.conftest import REPO, run_cli, tiny
 from tests.test_train import checkpoint_steps, read_losses
@@ -122,7 +123,7 @@ def test_data_state_is_the_same_on_every_process_and_moves_between_process_count
 def test_checkpoint_data_state_restores_onto_another_process_count(tmp_path: pathlib.Path):
     from etils import epath
 
-    from recjax.train.checkpoint import CheckpointMismatchError, DataStateHandler
+    from recjax.train.checkpoint import DataStateHandler
 
     state = {"source": "synthetic", "split": "train", "next_record": 640}
     for p in range(2):

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recjax.layers.embedding as embedding
-from recjax.config import ConfigError, EmbeddingConfig, TableConfig
+from recjax.config import EmbeddingConfig, TableConfig
 from recjax.data.spec import FeatureSpec, SparseFeature
+from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, TableSpec, gather_rows, resolve_tables
 from tests.conftest import run_python
 

@@ -14,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from recjax.errors import LaunchError
 from recjax.parallel import launch
 from tests.conftest import REPO, run_cli
 
@@ -75,9 +76,9 @@ def test_slurm_script_one_process_per_node_and_bad_layouts():
     assert _exports(script)["RECJAX_LOCAL_DEVICE_IDS"] == "0,1,2,3"
     cpu = launch.sbatch_script(TRAIN, nodes=3)
     assert _sbatch_directives(cpu)["ntasks-per-node"] == "1" and "gpus-per-node" not in _sbatch_directives(cpu)
-    with pytest.raises(launch.LaunchError, match="procs-per-node"):
+    with pytest.raises(LaunchError, match="procs-per-node"):
         launch.sbatch_script(TRAIN, nodes=2, gpus_per_node=8, procs_per_node=2)
-    with pytest.raises(launch.LaunchError, match="nodes"):
+    with pytest.raises(LaunchError, match="nodes"):
         launch.sbatch_script(TRAIN, nodes=0)
 
 
@@ -127,7 +128,7 @@ def test_k8s_indexed_job_manifest_has_headless_service():
     assert pod["subdomain"] == svc["metadata"]["name"]
     port = svc["spec"]["ports"][0]["port"]
     assert _env(_container(pod))["RECJAX_COORDINATOR_ADDRESS"] == f"ctr-0.ctr:{port}"
-    with pytest.raises(launch.LaunchError, match="DNS label"):
+    with pytest.raises(LaunchError, match="DNS label"):
         launch.k8s_manifest(TRAIN, num_processes=2, image="img", name="Bad_Name")
 
 

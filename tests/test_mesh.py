@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from recjax.config import ConfigError, MeshConfig
+from recjax.config import MeshConfig
+from recjax.errors import ConfigError
 from recjax.parallel.mesh import mesh_shape
 from recjax.parallel.sharding import logical_to_spec
 from tests.conftest import run_python

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from flax import nnx
 
-from recjax.config import CONFIG_DIR, Config, ConfigError, config_from_dict, load_config
+from recjax.config import CONFIG_DIR, Config, config_from_dict, load_config
 from recjax.data.spec import FeatureSpec, SparseFeature
+from recjax.errors import ConfigError
 from recjax.models import registry
 
 

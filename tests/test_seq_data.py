@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from recjax import cli
-from recjax.config import ConfigError, SequenceDataConfig, SyntheticSequenceConfig
+from recjax.config import SequenceDataConfig, SyntheticSequenceConfig
 from recjax.data import seq_pipeline, seq_readers
-from recjax.data.criteo import DataError
 from recjax.data.seq_pipeline import (
     TrainBatches,
     eval_rows,
@@ -29,6 +28,7 @@ from recjax.data.seq_prepare import (
 )
 from recjax.data.seq_readers import Interactions, read_interactions
 from recjax.data.seq_synthetic import generate_sequences
+from recjax.errors import ConfigError, DataError
 
 # (user, item, rating, timestamp); user 10 sorts after 2 numerically; user 2 has a timestamp tie
 ROWS = [(2, 50, 4, 300), (10, 7, 3, 100), (2, 7, 5, 100), (1, 50, 1, 200), (2, 8, 2, 300), (10, 50, 5, 50)]

@@ -51,6 +51,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from recjax.errors import ConfigError
+
 # name -> (attention, causal, objective) of configs/models/<name>.yaml (a test keeps them equal)
 TYPES: dict[str, tuple[str, bool, str]] = {
     "sasrec": ("softmax", True, "next_item"),
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from recjax.config import ConfigError
+
 
     sizes = {"--lengths": min(args.lengths), "--batch": args.batch, "--num-items": args.num_items,
              "--hidden": args.hidden, "--layers": args.layers, "--heads": args.heads,

@@ -26,6 +26,7 @@ import numpy as np
 
 from recjax.data.spec import CRITEO_NUM_DENSE, CRITEO_NUM_SPARSE
 from recjax.data.synthetic import mix64, zipf_ids
+from recjax.errors import DataError
 
 NUM_COLUMNS = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE
 _ROW_RE = re.compile(
@@ -42,8 +43,6 @@ _POW16 = 16 ** np.arange(15, -1, -1, dtype=np.int64)  # [16]
 _SALT = mix64((np.arange(CRITEO_NUM_SPARSE, dtype=np.uint64) + np.uint64(1)) << np.uint64(56))
 
 
-class DataError(ValueError):
-    """A malformed input row; the message starts with ``path:line:``."""
 
 
 class Row(NamedTuple):

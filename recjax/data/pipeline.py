@@ -31,10 +31,11 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from recjax.config import ConfigError, DataConfig, SyntheticDataConfig
+from recjax.config import DataConfig, SyntheticDataConfig
 from recjax.data.criteo import CriteoReader, lines_to_batch
 from recjax.data.spec import CRITEO_NUM_SPARSE, broadcast_vocab
 from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR
+from recjax.errors import ConfigError
 
 try:
     import grain

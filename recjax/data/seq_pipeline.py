@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from recjax.config import ConfigError, SequenceDataConfig
-from recjax.data.criteo import DataError
+from recjax.config import SequenceDataConfig
 from recjax.data.seq_prepare import SequenceData, load_sequences
+from recjax.errors import ConfigError, DataError
 
 OBJECTIVES = ("next_item", "cloze")
 MODES = ("windows", "prefixes")
@@ -193,16 +194,20 @@ class TrainBatches:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The row order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
+        return _rng(self.seed, 1, epoch).permutation(len(self.rows))
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``start..len(self) - 1`` of ``epoch``."""
-        order = _rng(self.seed, 1, epoch).permutation(len(self.rows))
+        order = self.order(epoch)
         for b in range(start, len(self)):
             yield self.batch(epoch, b, order)
 
     def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Batch ``index`` of ``epoch``."""
         if order is None:
-            order = _rng(self.seed, 1, epoch).permutation(len(self.rows))
+            order = self.order(epoch)
         take = order[index * self.batch_size : (index + 1) * self.batch_size]
         pad = self.batch_size - take.size
         inputs = np.pad(self.rows.inputs[take], ((0, pad), (0, 0)))
@@ -344,3 +349,44 @@ def sample_negatives(split: LeaveOneOut, rows: EvalRows, n: int, kind: str, seed
             filled[pending] += take.sum(axis=1)
             pending = pending[filled[pending] < n]
     return out
+
+
+class TrainIterator:
+    """Process-local slices of :class:`TrainBatches`' global batches, epoch after epoch.
+
+    Process ``p`` of ``P`` yields rows ``[p * b, (p + 1) * b)`` (``b = G / P``) of global batch
+    ``i`` of epoch ``e`` (epochs count from 1). The state ``{"epoch": e, "next_batch": i}`` is a
+    global position, the same on every process, so a run resumes mid-epoch and on any
+    process count with the same global batch.
+    """
+
+    def __init__(self, batches: TrainBatches, process_index: int = 0, process_count: int = 1):
+        g = batches.batch_size
+        if g % process_count:
+            raise ConfigError(f"data.global_batch={g} must be a multiple of the process count {process_count}")
+        self.batches = batches
+        b = g // process_count
+        self._rows = slice(process_index * b, (process_index + 1) * b)
+        self.epoch, self.next_batch = 1, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.next_batch >= len(self.batches):
+            self.epoch, self.next_batch = self.epoch + 1, 0
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, self.batches.order(self.epoch))
+        batch = self.batches.batch(self.epoch, self.next_batch, self._order[1])
+        self.next_batch += 1
+        return {k: v[self._rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, int | str]:
+        return {"source": "sequences", "split": "train", "epoch": self.epoch, "next_batch": self.next_batch}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("source") != "sequences":
+            raise ConfigError(f"data state is for source={state.get('source')!r}, but this run reads "
+                              "sequences")
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from recjax.data.criteo import DataError
 from recjax.data.seq_readers import Interactions
+from recjax.errors import DataError
 
 FORMAT = "recjax-sequences"
 FORMAT_VERSION = 1

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from recjax.data.criteo import DataError
+from recjax.errors import DataError
 
 FORMATS = ("auto", "movielens", "amazon", "recbole")
 BLOCK_BYTES = 32 << 20  # bytes read per block (plus the rest of the last line)

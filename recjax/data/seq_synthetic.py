@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from recjax.config import ConfigError, SyntheticSequenceConfig
+from recjax.config import SyntheticSequenceConfig
 from recjax.data.seq_prepare import SequenceData
+from recjax.errors import ConfigError
 
 _T0 = 1_577_836_800  # 2020-01-01T00:00:00Z
 

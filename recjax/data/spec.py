@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recjax.config import ConfigError, DataConfig
+from recjax.config import DataConfig
+from recjax.errors import ConfigError
 
 DEVICE_KEYS = ("dense", "sparse", "label", "user_id")
 HOST_KEYS = ("example_id", "label_prob")

@@ -37,8 +37,9 @@ import math
 
 import numpy as np
 
-from recjax.config import ConfigError, SyntheticDataConfig
+from recjax.config import SyntheticDataConfig
 from recjax.data.spec import broadcast_vocab
+from recjax.errors import ConfigError
 
 EVAL_OFFSET = 1 << 60  # eval example ids start here; train ids are below
 _CALIB_OFFSET = 2 << 60  # fixed, disjoint sample used to calibrate the teacher

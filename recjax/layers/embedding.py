@@ -5,10 +5,13 @@ Tables are resolved from the data's :class:`~recjax.data.spec.FeatureSpec` and t
 every sparse feature gets its own table sized by its vocabulary; otherwise the listed
 tables are used and several features may share one table.
 
-:class:`EmbeddingCollection` holds every table as an ``nnx.Param`` ``[V, d]`` (fp32) in the
-attribute ``tables`` -- the optimizer routes every parameter whose path contains the key
-``"tables"`` to the embedding optimizer. Row-sharded tables are annotated
-``("table_rows", "embed")``, replicated ones ``(None, "embed")``.
+:class:`EmbeddingCollection` holds every table as an :class:`EmbeddingTable` ``[R, d]``
+(fp32), a ``nnx.Param`` subtype: the optimizer routes every variable of that type (in any
+model, e.g. the sequential recommenders' item table) to the embedding optimizer. Row-sharded
+tables are annotated ``("table_rows", "embed")``, replicated ones ``(None, "embed")``.
+``R = padded_rows(V, embedding.pad_rows_to)`` rows: the vocabulary rounded up so a table
+divides over its shards (the trainer refuses a row-sharded table that does not); the padding
+rows are never looked up.
 
 Id semantics, per table of vocabulary ``V``:
 
@@ -40,11 +43,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recjax.config import ConfigError, EmbeddingConfig
+from recjax.config import EmbeddingConfig
 from recjax.data.spec import FeatureSpec
+from recjax.errors import ConfigError
 from recjax.parallel.sharding import constrain
 
 Placement = Literal["replicated", "row_sharded"]
+
+
+class EmbeddingTable(nnx.Param):
+    """An embedding table ``[rows, dim]``: the variable type the embedding optimizer updates."""
+
+
+def padded_rows(vocab: int, multiple: int) -> int:
+    """``vocab`` rounded up to a multiple of ``multiple`` (``embedding.pad_rows_to``)."""
+    if multiple < 1:
+        raise ConfigError(f"embedding.pad_rows_to must be >= 1, got {multiple}")
+    return -(-vocab // multiple) * multiple
 
 
 @jax.custom_vjp
@@ -212,10 +227,11 @@ class EmbeddingCollection(nnx.Module):
         table_of = {f: t.name for t in self.specs for f in t.features}
         # feature i -> the name of its table (static)
         self.feature_table = tuple(table_of[f] for f in self.feature_names)
+        rows = {t.name: padded_rows(t.vocab_size, cfg.pad_rows_to) for t in self.specs}
         self.tables = nnx.Dict(
             {
-                t.name: nnx.Param(
-                    jax.random.normal(rngs.params(), (t.vocab_size, t.dim), jnp.float32)
+                t.name: EmbeddingTable(
+                    jax.random.normal(rngs.params(), (rows[t.name], t.dim), jnp.float32)
                     / jnp.sqrt(t.dim),
                     out_sharding=t.logical_axes,
                 )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recjax.config import ConfigError
+from recjax.errors import ConfigError
 from recjax.layers.token_mixing import fan_in_init, per_token_dense, stacked_param
 
 Item = tuple[str, int]  # (feature name, width in x0); "dense" is the dense-feature block

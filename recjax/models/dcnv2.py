@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig
+from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
+from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, dense, mlp_flops
 from recjax.models.registry import register

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig
+from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
+from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, mlp_flops
 from recjax.models.registry import register

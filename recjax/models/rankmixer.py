@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig
+from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
+from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, mlp_flops
 from recjax.layers.token_mixing import fan_in_init, layer_norm, mix, per_token_dense, stacked_param

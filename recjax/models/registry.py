@@ -1,31 +1,37 @@
-"""Model registry: name -> (config dataclass, builder, analytic forward FLOPs).
+"""Model entries: config dataclass, builder, analytic FLOPs, and the task that trains the model.
 
-A model is an ``nnx.Module`` called as ``model(batch, train=True) -> (logits [B], aux)``
-where ``batch`` holds the device keys of :mod:`recjax.data.spec` and ``aux`` is a dict of
-diagnostics the trainer logs (scalars, or ``[E]`` vectors logged per entry, e.g.
-``oov_ids``, ``moe_expert_fraction``). ``aux["aux_loss"]``, when present, is a scalar
-added to the task loss (auxiliary heads, load balancing, router penalties). ``train=False``
-is the serving path used by evaluation (e.g. sparse-inference routers).
+A model is built from ``(cfg, data_info, rngs)`` (:func:`build_model`): ``data_info`` is what
+its task knows about the data (a CTR :class:`~recjax.data.spec.FeatureSpec`, or the
+sequential task's :class:`~recjax.models.seqrec.SequenceInfo`); models import no data
+readers. The call convention is the task's (``recjax.tasks``): CTR models are
+``model(batch, train=True) -> (logits [B], aux)`` with ``aux`` a dict of diagnostics
+(scalars, or ``[E]`` vectors logged per entry); ``aux["aux_loss"]`` is a scalar added to the
+task loss and ``aux["aux_logits"]`` an auxiliary head's logits that the task scores with the
+same BCE. ``train=False`` is the serving path used by evaluation.
+
+Entries live in :data:`recjax.registry.MODELS`, which imports a model's module the first
+time its name is looked up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig, register_model_config
-from recjax.data.spec import FeatureSpec
+from recjax.config import Config, ModelConfig, model_entry
+from recjax.registry import MODELS
 
 # Parameters carry logical axis names; shardings are applied by the trainer from the mesh
 # rules, not eagerly at creation (flax >= 0.12 defaults to eager sharding).
 nnx.use_eager_sharding(False)
 
-Builder = Callable[[Config, FeatureSpec, jnp.dtype, nnx.Rngs], nnx.Module]
-FlopsFn = Callable[[Config, FeatureSpec], float]
-CountFn = Callable[[Config, FeatureSpec], float]
+Builder = Callable[[Config, Any, jnp.dtype, nnx.Rngs], nnx.Module]
+FlopsFn = Callable[[Config, Any], float]
+CountFn = Callable[[Config, Any], float]
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,9 @@ class ModelEntry:
     config_cls: type[ModelConfig]
     build: Builder
     forward_flops: FlopsFn  # matmul FLOPs of one example's forward pass (2 per multiply-add)
+    task: str = "ctr"  # the recjax.tasks entry that trains this model
     inactive_params: CountFn | None = None  # params an example does not use (unselected experts)
     activation_bytes: CountFn | None = None  # activations kept for backward, per example
-
-
-MODELS: dict[str, ModelEntry] = {}
 
 
 def register(
@@ -47,23 +51,26 @@ def register(
     build: Builder,
     forward_flops: FlopsFn,
     *,
+    task: str = "ctr",
     inactive_params: CountFn | None = None,
     activation_bytes: CountFn | None = None,
 ) -> None:
-    MODELS[name] = ModelEntry(name, config_cls, build, forward_flops, inactive_params, activation_bytes)
-    register_model_config(name, config_cls)
+    MODELS.register(
+        name, ModelEntry(name, config_cls, build, forward_flops, task, inactive_params, activation_bytes)
+    )
 
 
 def get(name: str) -> ModelEntry:
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}'; registered: {sorted(MODELS)}")
-    return MODELS[name]
+    return model_entry(name)
 
 
-def build_model(cfg: Config, features: FeatureSpec, rngs: nnx.Rngs) -> nnx.Module:
-    dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
-    return get(cfg.model.name).build(cfg, features, dtype, rngs)
+def compute_dtype(cfg: Config) -> jnp.dtype:
+    return jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
 
 
-def forward_flops_per_example(cfg: Config, features: FeatureSpec) -> float:
-    return get(cfg.model.name).forward_flops(cfg, features)
+def build_model(cfg: Config, data_info: Any, rngs: nnx.Rngs) -> nnx.Module:
+    return get(cfg.model.name).build(cfg, data_info, compute_dtype(cfg), rngs)
+
+
+def forward_flops_per_example(cfg: Config, data_info: Any) -> float:
+    return get(cfg.model.name).forward_flops(cfg, data_info)

@@ -45,25 +45,36 @@ trainer can ``nnx.split`` it once and jit a pure function of the parameters. Pas
 compiles ~5x faster than threefry on CPU and is faster on GPU; its streams are
 deterministic per backend but differ between backends.
 
-The registry entry ``seqrec`` carries the config class and the analytic FLOPs; its builder
-takes a CTR ``FeatureSpec`` and does not fit, so it raises and the module is built with
-:func:`build_seqrec` ``(cfg, num_items, rngs)`` (``recjax.train.seqrec_loop`` does).
+The item table is an :class:`~recjax.layers.embedding.EmbeddingTable` of
+``padded_rows(V, embedding.pad_rows_to)`` rows (so it divides over its row shards), looked
+up through :func:`~recjax.layers.embedding.gather_rows` (deduplicated gradient); logits cover
+the padded rows too and callers score ids ``1..num_items`` only. The model is built from
+``(cfg, SequenceInfo, rngs)``; the ``seqrec`` task (``recjax.tasks.seqrec``) trains it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig
-from recjax.data.spec import FeatureSpec
+from recjax.config import Config, ModelConfig
+from recjax.errors import ConfigError
 from recjax.kernels.linear_attention import IMPLS, linear_attention
+from recjax.layers.embedding import EmbeddingTable, gather_rows, padded_rows
 from recjax.models.registry import register
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """What the model needs to know of the sequence data: item count and input length."""
+
+    num_items: int  # items are 1..num_items; 0 = padding, num_items + 1 = [MASK]
+    max_len: int
 
 
 @dataclass
@@ -213,7 +224,7 @@ class SeqRec(nnx.Module):
     """The shared backbone; see the module docstring. Parameters only (dropout keys are passed)."""
 
     def __init__(self, mcfg: SeqRecConfig, num_items: int, max_len: int, *, dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, pad_rows_to: int = 1):
         check_config(mcfg)
         if num_items <= 0 or max_len <= 0:
             raise ConfigError(f"seqrec needs num_items > 0 and max_len > 0, got {num_items}, {max_len}")
@@ -223,19 +234,19 @@ class SeqRec(nnx.Module):
         self.rate = mcfg.dropout
         self.dtype = dtype
         normal = nnx.initializers.normal(std)
-        # not named "tables": the optimizer's embedding group (row-wise Adagrad) is for CTR tables
-        self.item_embedding = nnx.Param(
-            normal(rngs.params(), (num_items + 2, d), jnp.float32), out_sharding=("table_rows", "embed")
+        rows = padded_rows(num_items + 2, pad_rows_to)
+        self.item_embedding = EmbeddingTable(
+            normal(rngs.params(), (rows, d), jnp.float32), out_sharding=("table_rows", "embed")
         )
         self.position_embedding = nnx.Param(
             normal(rngs.params(), (max_len, d), jnp.float32), out_sharding=(None, "embed")
         )
         self.blocks = nnx.List([Block(mcfg, dtype, rngs) for _ in range(mcfg.num_layers)])
         self.final_norm = _layer_norm(d, mcfg.layer_norm_eps, dtype, rngs)
-        self.output_embedding = None if mcfg.tie_embeddings else nnx.Param(
-            normal(rngs.params(), (num_items + 2, d), jnp.float32), out_sharding=("table_rows", "embed")
+        self.output_embedding = None if mcfg.tie_embeddings else EmbeddingTable(
+            normal(rngs.params(), (rows, d), jnp.float32), out_sharding=("table_rows", "embed")
         )
-        self.output_bias = nnx.Param(jnp.zeros((num_items + 2,), jnp.float32), out_sharding=("table_rows",))
+        self.output_bias = nnx.Param(jnp.zeros((rows,), jnp.float32), out_sharding=("table_rows",))
 
     @property
     def mask_id(self) -> int:
@@ -256,7 +267,8 @@ class SeqRec(nnx.Module):
         if not train:
             rng = None
         lengths = lengths.astype(jnp.int32)
-        x = jnp.take(self.item_embedding[...], inputs, axis=0) + self.position_embedding[...][:s]
+        emb = gather_rows(self.item_embedding[...], inputs.reshape(-1)).reshape(*inputs.shape, -1)
+        x = emb + self.position_embedding[...][:s]
         x = dropout(x.astype(self.dtype), self.rate, _key(rng, 0))
         for i, block in enumerate(self.blocks):
             x = block(x, lengths, _key(rng, i + 1))
@@ -266,10 +278,12 @@ class SeqRec(nnx.Module):
     def output_rows(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Output vectors ``[..., d]`` and biases ``[...]`` of item ``ids`` (sampled scoring)."""
         table = self.item_embedding if self.output_embedding is None else self.output_embedding
-        return jnp.take(table[...], ids, axis=0), jnp.take(self.output_bias[...], ids, axis=0)
+        vecs = gather_rows(table[...], ids.reshape(-1)).reshape(*ids.shape, -1)
+        return vecs, jnp.take(self.output_bias[...], ids, axis=0)
 
     def item_logits(self, h: jax.Array) -> jax.Array:
-        """``h [..., d] -> [..., V]`` fp32 raw logits over every id (callers mask 0 and V-1)."""
+        """``h [..., d] -> [..., R]`` fp32 raw logits over every table row (``R >= V``; callers
+        score ids ``1..num_items`` only: 0, [MASK] and padding rows are not items)."""
         table = self.item_embedding if self.output_embedding is None else self.output_embedding
         logits = jnp.einsum(
             "...d,vd->...v", h.astype(self.dtype), table[...].astype(self.dtype),
@@ -278,11 +292,14 @@ class SeqRec(nnx.Module):
         return logits + self.output_bias[...]
 
 
-def build_seqrec(cfg: Config, num_items: int, rngs: nnx.Rngs) -> SeqRec:
-    """The backbone for ``cfg.model`` (a ``SeqRecConfig``) over ``num_items`` items."""
-    if not isinstance(cfg.model, SeqRecConfig):
-        raise ConfigError(f"build_seqrec needs model.name: seqrec, got {cfg.model.name!r}")
-    return SeqRec(cfg.model, num_items, cfg.data.sequences.max_len, dtype=compute_dtype(cfg), rngs=rngs)
+def build(cfg: Config, info: Any, dtype: jnp.dtype, rngs: nnx.Rngs) -> SeqRec:
+    """The backbone for ``cfg.model`` over ``info`` (a :class:`SequenceInfo`); ``dtype`` is
+    replaced by :func:`compute_dtype` (``model.compute_dtype`` may override the trainer's)."""
+    del dtype
+    if not isinstance(info, SequenceInfo):
+        raise ConfigError(f"model 'seqrec' is built from a SequenceInfo, got {type(info).__name__}")
+    return SeqRec(cfg.model, info.num_items, info.max_len, dtype=compute_dtype(cfg), rngs=rngs,  # type: ignore[arg-type]
+                  pad_rows_to=cfg.embedding.pad_rows_to)
 
 
 def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
@@ -305,27 +322,8 @@ def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
     return mcfg.num_layers * per_layer + 2.0 * p * d * (num_items + 2)
 
 
-def _num_items(cfg: Config) -> int:
-    seq = cfg.data.sequences
-    if not seq.path:
-        return seq.synthetic.num_items
-    from recjax.data.seq_prepare import load_sequences
-
-    return load_sequences(seq.path).num_items
+def forward_flops(cfg: Config, info: Any) -> float:
+    return forward_flops_per_sequence(cfg.model, info.num_items, info.max_len)  # type: ignore[arg-type]
 
 
-def _registry_flops(cfg: Config, features: FeatureSpec) -> float:
-    del features
-    mcfg: SeqRecConfig = cfg.model  # type: ignore[assignment]
-    return forward_flops_per_sequence(mcfg, _num_items(cfg), cfg.data.sequences.max_len)
-
-
-def _registry_build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
-    raise ConfigError(
-        "model 'seqrec' is a sequential recommender: it is trained with data.source: sequences "
-        "(`recjax train` dispatches to recjax.train.seqrec_loop) and built with "
-        "recjax.models.seqrec.build_seqrec(cfg, num_items, rngs), not from a CTR feature spec."
-    )
-
-
-register("seqrec", SeqRecConfig, _registry_build, _registry_flops)
+register("seqrec", SeqRecConfig, build, forward_flops, task="seqrec")

@@ -54,11 +54,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from recjax.config import Config, ConfigError, ModelConfig
+from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
+from recjax.errors import ConfigError
 from recjax.kernels import moe as moe_kernels
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, dense, mlp_flops
@@ -257,7 +257,8 @@ def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Arra
 
 
 class TokenMixerLarge(nnx.Module):
-    """``model(batch, train) -> (logits fp32 [B], aux)``; ``aux["aux_loss"]`` joins the loss."""
+    """``model(batch, train) -> (logits fp32 [B], aux)``: ``aux["aux_loss"]`` (MoE balance) joins
+    the loss, and so does the task's BCE of ``aux["aux_logits"]`` (the auxiliary head)."""
 
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         m: TokenMixerLargeConfig = cfg.model  # type: ignore[assignment]
@@ -325,11 +326,9 @@ class TokenMixerLarge(nnx.Module):
         logits = self.head(self._pool(top, self.final_norm))[:, 0].astype(jnp.float32)
         aux: dict[str, Any] = {"oov_ids": oov}
         aux_loss = jnp.zeros((), jnp.float32)
-        if self.aux_weight > 0:
-            aux_logits = self.aux_head(self._pool(lower, self.aux_norm))[:, 0].astype(jnp.float32)
-            aux_bce = optax.sigmoid_binary_cross_entropy(aux_logits, batch["label"]).mean()
-            aux["aux_head_loss"] = aux_bce
-            aux_loss = aux_loss + self.aux_weight * aux_bce
+        if self.aux_weight > 0:  # the ctr task scores these with the same BCE, times the weight
+            aux["aux_logits"] = self.aux_head(self._pool(lower, self.aux_norm))[:, 0].astype(jnp.float32)
+            aux["aux_logits_weight"] = jnp.float32(self.aux_weight)
         if stats:
             lb = stats["load_balance_loss"].mean()
             aux["moe_load_balance_loss"] = lb

@@ -34,12 +34,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from recjax.errors import DistributedError
+
 ENV_PREFIX = "RECJAX_"
 DEFAULT_TIMEOUTS = {"init": 300, "heartbeat": 60, "shutdown": 120}
 
 
-class DistributedError(ValueError):
-    """Inconsistent or incomplete multi-process settings; the message says which."""
 
 
 @dataclasses.dataclass(frozen=True)

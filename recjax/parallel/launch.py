@@ -35,11 +35,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from recjax.errors import LaunchError
+
 DEFAULT_PORT = 8476  # coordinator port on clusters (any free port agreed by all processes)
 
 
-class LaunchError(ValueError):
-    """A launch request that cannot work; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- CLI

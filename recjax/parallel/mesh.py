@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from recjax.config import ConfigError, MeshConfig
+from recjax.config import MeshConfig
+from recjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 

@@ -13,9 +13,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recjax.config import ConfigError
+from recjax.errors import ConfigError
 
 Rules = dict[str, list[str]]
 _ACTIVE: list[tuple[Mesh, Rules]] = []
@@ -83,9 +84,26 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 
 def tree_shardings(specs: Any, abstract: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a tree of logical specs (``PartitionSpec`` of logical names)."""
+    """NamedShardings for a tree of logical specs (``PartitionSpec`` of logical names).
 
-    def one(spec: PartitionSpec, leaf: Any) -> NamedSharding:
-        return NamedSharding(mesh, fit_spec(logical_to_spec(tuple(spec), rules, mesh), leaf.shape, mesh))
+    A ``table_rows`` dimension that its mesh axes do not divide is refused with a
+    :class:`ConfigError` (dropping the axes would replicate a whole embedding table on every
+    device); every other dimension drops the axes it cannot use (:func:`fit_spec`).
+    """
 
-    return jax.tree.map(one, specs, abstract, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    def one(path: Any, spec: PartitionSpec, leaf: Any) -> NamedSharding:
+        want = logical_to_spec(tuple(spec), rules, mesh)
+        got = fit_spec(want, leaf.shape, mesh)
+        for dim, (name, w, g) in enumerate(zip(tuple(spec), tuple(want), tuple(got), strict=False)):
+            if name == "table_rows" and w != g:
+                axes = (w,) if isinstance(w, str) else tuple(w)
+                shards = int(np.prod([mesh.shape[a] for a in axes]))
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise ConfigError(
+                    f"{where}: {leaf.shape[dim]:,} rows do not divide over the {shards} shards of mesh "
+                    f"axes {'x'.join(axes)} (mesh.rules.table_rows); set embedding.pad_rows_to={shards} "
+                    "(or a multiple) to pad the rows, or give the table placement: replicated")
+        return NamedSharding(mesh, got)
+
+    return jax.tree_util.tree_map_with_path(
+        one, specs, abstract, is_leaf=lambda s: isinstance(s, PartitionSpec))

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 from typing import Any
 
+from recjax.errors import LaunchError
 from recjax.scaling.sweep import Run, SpecError, Sweep
 
 SLURM_KEYS = ("nodes", "gpus_per_node", "procs_per_node", "partition", "time", "cpus_per_task",
@@ -104,7 +105,7 @@ def emit(
     out = sweep.out_dir / "jobs"
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
-    from recjax.parallel.launch import LaunchError
+
 
     for run in runs:
         path = out / f"{run.run_id}{suffix}"

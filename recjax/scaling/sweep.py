@@ -44,7 +44,8 @@ from typing import Any
 
 import yaml
 
-from recjax.config import Config, ConfigError, config_from_dict, load_config
+from recjax.config import Config, config_from_dict, load_config
+from recjax.errors import ConfigError
 
 SPECIAL = ("preset", "examples", "flops")
 SPEC_KEYS = ("name", "base", "out_dir", "overrides", "presets", "grid", "runs", "launch")

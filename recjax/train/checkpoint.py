@@ -5,10 +5,13 @@ Each step directory holds three items:
 - ``state``: the train-state pytree (params, optimizer state, step, RNG, NaN marker),
   saved and restored sharded through ``StandardSave``/``StandardRestore`` against the
   abstract state, so a restore lands straight in the run's shardings;
-- ``data``: the data iterator's position, one JSON file per process
-  (``process_{i}-of-{n}.json``), written by :class:`DataStateHandler`; the position is a
-  global stream position, so a run restores onto any process count;
+- ``loop``: the trainer's JSON state, one file per process (``process_{i}-of-{n}.json``),
+  written by :class:`LoopStateHandler`: the data iterator's position (a global stream
+  position, so a run restores onto any process count) and the hooks' state (best metric,
+  early stopping, clock);
 - ``config``: the resolved run config (JSON).
+
+Directories are ``etils.epath`` paths (local or object stores).
 
 Saves are asynchronous (``train.async_checkpoint``); commits are atomic (orbax writes to a
 temporary directory and renames). A failed save raises at the next save or at
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import jax
@@ -27,23 +29,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from recjax.config import Config
+from recjax.errors import CheckpointMismatchError
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's tree or shapes do not match the model being trained."""
+class LoopStateHandler(ocp.CheckpointHandler):
+    """Per-process JSON of the trainer's loop state (no grain dependency)."""
 
-
-class DataStateHandler(ocp.CheckpointHandler):
-    """Per-process JSON of a data iterator's ``get_state()`` (no grain dependency)."""
-
-    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+    def save(self, directory: epath.Path, args: LoopStateSave) -> None:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(args.state, indent=1))
 
-    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict[str, Any]:
+    def restore(self, directory: epath.Path, args: LoopStateRestore | None = None) -> dict[str, Any]:
         """This process's own state; after a change of process count, the state every saving
         process agreed on (the iterators' states are global stream positions, see
-        :mod:`recjax.data.pipeline`)."""
+        :mod:`recjax.data.pipeline`; the hooks' states are the same on every process)."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if (directory / name).exists():
             return json.loads((directory / name).read_text())
@@ -51,7 +50,7 @@ class DataStateHandler(ocp.CheckpointHandler):
         distinct = {json.dumps(v, sort_keys=True) for v in saved.values()}
         if len(distinct) != 1:
             raise CheckpointMismatchError(
-                f"cannot restore the data-iterator state in {directory} onto "
+                f"cannot restore the loop state in {directory} onto "
                 f"{jax.process_count()} process(es): "
                 + ("no state was saved" if not saved else f"the saving processes disagree ({saved})")
                 + ". Resume with the process count that wrote it, or set train.resume=false."
@@ -68,15 +67,15 @@ class DataStateHandler(ocp.CheckpointHandler):
         pass
 
 
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@ocp.args.register_with_handler(LoopStateHandler, for_save=True)
 @dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
+class LoopStateSave(ocp.args.CheckpointArgs):
     state: dict[str, Any]
 
 
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@ocp.args.register_with_handler(LoopStateHandler, for_restore=True)
 @dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
+class LoopStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
@@ -109,10 +108,11 @@ def check_compatible(saved: Any, expected: Any, where: str) -> None:
 
 
 class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` for the train state + data + config."""
+    """Thin wrapper over ``ocp.CheckpointManager`` for the train state + loop state + config
+    in ``directory`` (an ``epath.Path``)."""
 
-    def __init__(self, run_dir: str | pathlib.Path, *, keep: int, async_save: bool):
-        self.directory = pathlib.Path(run_dir).resolve() / "checkpoints"
+    def __init__(self, directory: epath.Path, *, keep: int, async_save: bool):
+        self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -120,7 +120,7 @@ class Checkpointer:
             ),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": DataStateHandler(),
+                "loop": LoopStateHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
         )
@@ -128,13 +128,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], cfg: Config) -> None:
+    def save(self, step: int, state: Any, loop_state: dict[str, Any], cfg: Config) -> None:
         self.manager.check_for_errors()
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=DataStateSave(data_state),
+                loop=LoopStateSave(loop_state),
                 config=ocp.args.JsonSave(cfg.to_dict()),
             ),
             force=True,
@@ -143,7 +143,7 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint at step {step} was not saved (orbax declined)")
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore ``step`` into the shardings of ``abstract_state``; returns (state, data state)."""
+        """Restore ``step`` into the shardings of ``abstract_state``; returns (state, loop state)."""
         meta = self.manager.item_metadata(step)
         saved_tree = meta["state"] if meta is not None and "state" in meta else None
         if saved_tree is not None:
@@ -151,10 +151,10 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()
+                state=ocp.args.StandardRestore(abstract_state), loop=LoopStateRestore()
             ),
         )
-        return restored["state"], restored["data"]
+        return restored["state"], restored["loop"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -29,14 +29,15 @@ from recjax.config import Config
 from recjax.models import registry
 from recjax.train import flops as flops_lib
 from recjax.train.state import TrainSetup, build_setup, describe_model
-from recjax.train.step import abstract_batch, make_train_step
+from recjax.train.step import make_train_step
 
 
 def compile_report(cfg: Config) -> dict[str, Any]:
-    setup = build_setup(cfg)
+    # the schedule's length does not change the compiled step: no need to read an epoch's rows
+    setup = build_setup(cfg, total_steps=max(cfg.train.steps, 1))
     info = describe_model(setup)
     t0 = time.perf_counter()
-    lowered = make_train_step(setup).lower(setup.abstract_state, abstract_batch(setup))
+    lowered = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch())
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     mem = flops_lib.memory_report(compiled)
@@ -44,6 +45,7 @@ def compile_report(cfg: Config) -> dict[str, Any]:
     estimate = analytic_memory(setup, info)
     return {
         "model": cfg.model.name,
+        "task": setup.task.name,
         "mesh": dict(setup.mesh.shape),
         "n_devices": setup.n_devices,
         "device_kind": jax.devices()[0].device_kind,
@@ -75,9 +77,8 @@ def analytic_memory(setup: TrainSetup, info: dict[str, float]) -> dict[str, int]
     state = _shard_bytes(setup.abstract_state)
     grads = _shard_bytes(setup.abstract_state["params"])
     entry = registry.get(cfg.model.name)
-    shards = int(np.prod([setup.mesh.shape[a] for a in setup.batch_axes])) if setup.batch_axes else 1
-    per_example = entry.activation_bytes(cfg, setup.features) if entry.activation_bytes else 0.0
-    activations = int(per_example * cfg.data.global_batch / shards)
+    per_example = entry.activation_bytes(cfg, setup.task.data_info) if entry.activation_bytes else 0.0
+    activations = int(per_example * cfg.data.global_batch / setup.batch_shards)
     compute_bytes = 2 if cfg.train.compute_dtype == "bfloat16" else 4
     layers = getattr(cfg.model, "num_layers", 1)
     layer = info["params_dense"] / layers

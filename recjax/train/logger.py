@@ -16,10 +16,11 @@ import json
 import math
 import numbers
 import os
-import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 
 def _as_number(v: Any) -> float | int | None:
@@ -51,7 +52,7 @@ class MetricsLogger:
     def __init__(
         self, run_dir: str | os.PathLike, *, tensorboard: bool = True, enabled: bool = True
     ):
-        self.run_dir = pathlib.Path(run_dir)
+        self.run_dir = epath.Path(run_dir)
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -59,7 +60,7 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -72,7 +73,8 @@ class MetricsLogger:
         record.update({str(k): _json_value(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if hasattr(self._file, "fileno"):  # local files: on disk before log returns
+            os.fsync(self._file.fileno())
         if self._tb is not None:
             for name, v in metrics.items():
                 num = _as_number(v)

@@ -5,9 +5,10 @@
     clip_by_global_norm(grad_clip_norm)            # over ALL gradients (skipped if 0)
     -> multi_transform({"dense": <dense opt>, "embedding": <embedding opt>}, labels)
 
-where a leaf is labelled ``"embedding"`` iff its key path contains the key ``"tables"``
-(embedding tables live in a module attribute named ``tables``). Each group has its own
-base learning rate, both follow the same schedule shape (``learning_rate_schedule``).
+where ``labels`` is a params-shaped tree of group names chosen by variable type (the trainer
+labels every :class:`~recjax.layers.embedding.EmbeddingTable` ``"embedding"`` and every
+other parameter ``"dense"``, see ``recjax.train.state.param_groups``). Each group has its
+own base learning rate, both follow the same schedule shape (``learning_rate_schedule``).
 
 Every optimizer state is a plain pytree whose per-parameter leaves sit at key paths
 that *end* with the parameter's key path (optax's ``mu``/``nu``, the accumulators below),
@@ -25,8 +26,6 @@ import jax.numpy as jnp
 import optax
 
 from recjax.config import DenseOptimConfig, EmbeddingOptimConfig, OptimConfig
-
-EMBEDDING_KEY = "tables"
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -137,18 +136,6 @@ def path_keys(path: tuple) -> tuple[str, ...]:
     return tuple(jax.tree_util.keystr(path, simple=True, separator="\0").split("\0"))
 
 
-def is_embedding_path(path: tuple) -> bool:
-    """True iff some element of the jax key path (DictKey/GetAttrKey/SequenceKey/...) is ``"tables"``."""
-    return EMBEDDING_KEY in path_keys(path)
-
-
-def param_labels(params: Any) -> Any:
-    """Params-shaped tree of ``"embedding"`` / ``"dense"`` labels."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "embedding" if is_embedding_path(path) else "dense", params
-    )
-
-
 def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
@@ -185,8 +172,9 @@ def _embedding_tx(c: EmbeddingOptimConfig, lr: optax.Schedule) -> optax.Gradient
     raise ValueError(f"unknown optim.embedding.name {c.name!r}")
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping over all grads, then dense / embedding optimizers by label."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, labels: Any) -> optax.GradientTransformation:
+    """Global-norm clipping over all grads, then dense / embedding optimizers by ``labels``
+    (a params-shaped tree of ``"dense"`` / ``"embedding"``, or a function params -> such a tree)."""
     dense_lr = learning_rate_schedule(cfg, cfg.dense.lr, total_steps)
     emb_lr = learning_rate_schedule(cfg, cfg.embedding.lr, total_steps)
     tx = optax.multi_transform(
@@ -194,7 +182,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             "dense": _dense_tx(cfg.dense, dense_lr),
             "embedding": _embedding_tx(cfg.embedding, emb_lr),
         },
-        param_labels,
+        labels,
     )
     if cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)

@@ -107,12 +107,16 @@ def protocol_name(rcfg: RankingConfig, num_items: int) -> str:
 
 
 def full_ranks_jax(scores: jax.Array, targets: jax.Array,
-                   exclude_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Device :func:`target_ranks`: ``scores [B, V]``, ``targets [B]``, ``exclude_ids [B, H]``
-    (item ids to exclude, 0-padded) -> ``(ranks int32 [B], ties int32 [B])``."""
+                   exclude_ids: jax.Array | None = None, *,
+                   num_items: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Device :func:`target_ranks`: ``scores [B, R]``, ``targets [B]``, ``exclude_ids [B, H]``
+    (item ids to exclude, 0-padded) -> ``(ranks int32 [B], ties int32 [B])``. The candidates
+    are ids ``1..num_items`` (default ``R - 2``: pad and [MASK] excluded; any further columns,
+    e.g. a padded table's rows, are not items)."""
     b, v = scores.shape
+    n = v - 2 if num_items is None else num_items
     ids = jnp.arange(v)[None, :]
-    candidate = (ids > 0) & (ids < v - 1) & (ids != targets[:, None])
+    candidate = (ids >= 1) & (ids <= n) & (ids != targets[:, None])
     if exclude_ids is not None:
         excluded = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], exclude_ids].set(True)
         candidate = candidate & ~excluded

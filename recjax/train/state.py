@@ -5,10 +5,14 @@ The state is a plain dict pytree::
     {"step": int32[], "params": {...}, "opt_state": optax state, "rng": uint32[2],
      "nonfinite_step": int32[]}   # -1 until a step produced a NaN/inf loss
 
-``TrainSetup`` derives everything from the config once: mesh, model graph, the abstract
-state (``jax.ShapeDtypeStruct`` leaves carrying their ``NamedSharding``), the optimizer,
-and the batch shardings. The same abstract tree is the init target, the checkpoint
-restore target and the input of the ahead-of-time compile (``recjax compile``).
+``rng`` is the run's base key (threefry, from ``seed``); step ``s`` draws from
+``fold_in(rng, s)``, and threefry's partitionable streams make those draws the same on any
+mesh. ``TrainSetup`` derives everything from the config and the task once: mesh, model
+graph, the abstract state (``jax.ShapeDtypeStruct`` leaves carrying their ``NamedSharding``),
+the optimizer with its groups (by variable type: every
+:class:`~recjax.layers.embedding.EmbeddingTable` is in the embedding group), and the batch
+shardings. The same abstract tree is the init target, the checkpoint restore target and the
+input of the ahead-of-time compile (``recjax compile``).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recjax.config import Config, ConfigError
-from recjax.data.spec import FeatureSpec, feature_spec
-from recjax.models import registry
+from recjax.config import Config
+from recjax.errors import ConfigError
+from recjax.layers.embedding import EmbeddingTable
 from recjax.parallel import sharding as shd
 from recjax.parallel.mesh import make_mesh
+from recjax.tasks import Task, get_task
 from recjax.train import optim
 
 State = dict[str, Any]
@@ -55,13 +60,25 @@ def opt_state_shardings(abstract_opt: Any, param_shardings: dict[tuple, NamedSha
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
+def param_groups(abstract_model: nnx.Module) -> dict[str, Any]:
+    """Params-shaped pure dict of optimizer group labels: ``"embedding"`` for every
+    :class:`EmbeddingTable`, ``"dense"`` for every other parameter."""
+    state = nnx.state(abstract_model, nnx.Param)
+    return jax.tree.map(
+        lambda v: "embedding" if isinstance(v, EmbeddingTable) else "dense",
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable),
+    ).to_pure_dict()
+
+
 @dataclasses.dataclass
 class TrainSetup:
     cfg: Config
+    task: Task
     mesh: Mesh
-    features: FeatureSpec
     graphdef: Any
     tx: optax.GradientTransformation
+    total_steps: int
+    groups: dict[str, Any]  # params-shaped optimizer group labels
     abstract_state: State  # ShapeDtypeStruct leaves with .sharding
     state_shardings: State
     batch_axes: tuple[str, ...]  # mesh axes the leading (batch) dimension is split over
@@ -69,6 +86,10 @@ class TrainSetup:
     @property
     def n_devices(self) -> int:
         return self.mesh.devices.size
+
+    @property
+    def batch_shards(self) -> int:
+        return int(np.prod([self.mesh.shape[a] for a in self.batch_axes])) if self.batch_axes else 1
 
     def init_state(self) -> State:
         """Materialise the state directly into its shardings (no host-side full copy)."""
@@ -78,8 +99,7 @@ class TrainSetup:
 
     def _init_fn(self, rng: jax.Array) -> State:
         model_rng, state_rng = jax.random.split(rng)
-        model = registry.build_model(self.cfg, self.features, nnx.Rngs(params=model_rng))
-        params = nnx.split(model)[1].to_pure_dict()
+        params = nnx.split(self.task.build_model(nnx.Rngs(params=model_rng)))[1].to_pure_dict()
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -92,25 +112,52 @@ class TrainSetup:
         lead = self.batch_axes if self.batch_axes else None
         return NamedSharding(self.mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
 
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The task's global train batch with the batch shardings attached."""
+        return {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.batch_sharding(len(a.shape)))
+                for k, a in self.task.abstract_batch().items()}
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Process-local rows (this process's slice of each global batch) -> global arrays
+        sharded over the batch axes."""
+        p = jax.process_count()
+        out = {}
+        for k, x in local.items():
+            x = np.asarray(x)
+            out[k] = jax.make_array_from_process_local_data(
+                self.batch_sharding(x.ndim), x, (x.shape[0] * p, *x.shape[1:]))
+        return out
+
+    def replicated_batch(self, arrays: list[np.ndarray]) -> list[jax.Array]:
+        """Whole global batches that every process holds -> arrays sharded over the batch axes."""
+        return [jax.make_array_from_callback(a.shape, self.batch_sharding(a.ndim), lambda i, a=a: a[i])
+                for a in arrays]
+
 
 def batch_axes(cfg: Config, mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in cfg.mesh.rules.get("batch", []) if mesh.shape[a] > 1)
 
 
-def build_setup(cfg: Config, devices: list[jax.Device] | None = None) -> TrainSetup:
-    mesh = make_mesh(cfg.mesh, devices)
-    features = feature_spec(cfg.data)
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+def abstract_model(cfg: Config, task: Task) -> nnx.Module:
+    return nnx.eval_shape(lambda: task.build_model(nnx.Rngs(params=jax.random.PRNGKey(0))))
 
-    abstract_model = nnx.eval_shape(
-        lambda: registry.build_model(cfg, features, nnx.Rngs(params=jax.random.PRNGKey(0)))
-    )
-    graphdef, abstract_params = nnx.split(abstract_model)
+
+def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device] | None = None,
+                total_steps: int | None = None) -> TrainSetup:
+    """Everything derived from ``cfg`` and its task; ``total_steps`` (default: the task's)
+    only shapes the learning-rate schedule."""
+    task = task or get_task(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    total = task.total_steps() if total_steps is None else total_steps
+    model = abstract_model(cfg, task)
+    graphdef, abstract_params = nnx.split(model)
     logical_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
     abstract_params = abstract_params.to_pure_dict()
     param_shardings = shd.tree_shardings(logical_specs, abstract_params, mesh, cfg.mesh.rules)
+    groups = param_groups(model)
+    tx = optim.make_optimizer(cfg.optim, total, groups)
 
-    setup = TrainSetup(cfg, mesh, features, graphdef, tx, {}, {}, batch_axes(cfg, mesh))
+    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh))
     abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     flat_params = {
@@ -127,22 +174,20 @@ def build_setup(cfg: Config, devices: list[jax.Device] | None = None) -> TrainSe
     setup.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    axes = setup.batch_axes
-    n_batch_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if cfg.data.global_batch % n_batch_shards:
+    shards = setup.batch_shards
+    if cfg.data.global_batch % shards or cfg.data.global_batch % jax.process_count():
         raise ConfigError(
-            f"data.global_batch={cfg.data.global_batch} is not divisible by the {n_batch_shards} "
-            f"batch shards of mesh axes {axes}"
+            f"data.global_batch={cfg.data.global_batch} is not divisible by the {shards} batch "
+            f"shards of mesh axes {setup.batch_axes} and the {jax.process_count()} process(es)"
         )
     return setup
 
 
-def param_counts(params: Any) -> dict[str, int]:
+def param_counts(params: Any, groups: Any) -> dict[str, int]:
     """Parameter counts split into embedding tables and dense weights."""
     counts = {"embedding": 0, "dense": 0}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        kind = "embedding" if optim.is_embedding_path(path) else "dense"
-        counts[kind] += int(np.prod(leaf.shape))
+    for leaf, group in zip(jax.tree.leaves(params), jax.tree.leaves(groups), strict=True):
+        counts[group] += int(np.prod(leaf.shape))
     counts["total"] = counts["embedding"] + counts["dense"]
     return counts
 
@@ -152,26 +197,22 @@ def describe_model(setup: TrainSetup) -> dict[str, float]:
 
     ``params_active``: dense parameters one example uses (MoE: minus the unselected experts).
     """
-    return _describe(setup.cfg, setup.features, setup.abstract_state["params"])
+    return _describe(setup.task, setup.abstract_state["params"], setup.groups)
 
 
 def describe_config(cfg: Config) -> dict[str, float]:
     """:func:`describe_model` from the config alone: no mesh, no devices, nothing allocated."""
-    features = feature_spec(cfg.data)
-    model = nnx.eval_shape(
-        lambda: registry.build_model(cfg, features, nnx.Rngs(params=jax.random.PRNGKey(0)))
-    )
-    return _describe(cfg, features, nnx.split(model)[1].to_pure_dict())
+    task = get_task(cfg)
+    model = abstract_model(cfg, task)
+    return _describe(task, nnx.split(model)[1].to_pure_dict(), param_groups(model))
 
 
-def _describe(cfg: Config, features: FeatureSpec, params: Any) -> dict[str, float]:
-    counts = param_counts(params)
-    fwd = registry.forward_flops_per_example(cfg, features)
-    entry = registry.get(cfg.model.name)
-    inactive = entry.inactive_params(cfg, features) if entry.inactive_params else 0
+def _describe(task: Task, params: Any, groups: Any) -> dict[str, float]:
+    counts = param_counts(params, groups)
+    fwd = task.forward_flops_per_example()
     return {
         "params_dense": counts["dense"],
-        "params_active": counts["dense"] - inactive,
+        "params_active": counts["dense"] - task.inactive_params(),
         "params_embedding": counts["embedding"],
         "fwd_flops_per_example": fwd,
         "train_flops_per_example": 3 * fwd,
