@@ -27,7 +27,8 @@ MODELS = ("dlrm", "dcnv2", "rankmixer", "tokenmixer_large")
 def run(model: str, tag: str, overrides: list[str]) -> dict:
     run_dir = REPO / "runs" / tag / model
     cmd = [sys.executable, "-m", "recjax.cli", "train", "--config",
-           f"configs/experiments/compare/{model}.yaml", f"run_dir={run_dir}", "train.resume=false", *overrides]
+           f"configs/experiments/compare/{model}.yaml", f"run_dir={run_dir}", "train.resume=false", "--overwrite",
+           *overrides]
     print("$", " ".join(cmd[2:]), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)

@@ -36,15 +36,29 @@ def run(model: str, seed: int, data: str, tag: str, overrides: list[str], reuse:
     run_dir = REPO / "runs" / tag / f"{model}_seed{seed}"
     if reuse and (run_dir / "report.json").is_file():
         print(f"reusing {run_dir / 'report.json'}", flush=True)
-        report = json.loads((run_dir / "report.json").read_text())
-        return {"model": model, "seed": seed, "model_config": report.pop("model"), **report}
+        return _row(model, seed, json.loads((run_dir / "report.json").read_text()))
     cmd = [sys.executable, "-m", "recjax.cli", "train", "--config", f"configs/experiments/{model}_ml100k.yaml",
-           f"data.sequences.path={data}", f"seed={seed}", f"run_dir={run_dir}", "train.resume=false",
+           f"data.sequences.path={data}", f"seed={seed}", f"run_dir={run_dir}", "train.resume=false", "--overwrite",
            "train.tensorboard=false", *overrides]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
-    report = json.loads((run_dir / "report.json").read_text())
-    return {"model": model, "seed": seed, "model_config": report.pop("model"), **report}
+    return _row(model, seed, json.loads((run_dir / "report.json").read_text()))
+
+
+def _row(model: str, seed: int, report: dict) -> dict:
+    """The fields of one run that the table uses (report.json of `recjax train`)."""
+    spe = report["data"]["batches_per_epoch"]
+    return {
+        "model": model, "seed": seed, "model_config": report["model"],
+        "protocol": report["data"]["protocol"], "data": report["data"],
+        "device": report["environment"]["device"], "versions": report["environment"]["versions"],
+        "valid": report["best_eval"]["valid"], "test": report["test"],
+        "best_epoch": report["best_step"] / spe, "epochs_run": report["epochs"],
+        "stopped_early": report["stopped_early"],
+        "train_sequences_per_s": report["train_examples_per_s"],
+        "wall_time_to_best_s": report["wall_time_to_best_s"],
+        "wall_time_total_s": report["wall_time_total_s"],
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -123,7 +137,7 @@ def main() -> None:
         "protocol": first["protocol"],
         "data": {k: first["data"][k] for k in ("users", "items", "interactions", "max_len", "train_row_mode")},
         "overrides": args.overrides,
-        "popularity_test": first["popularity_baseline"]["test"],
+        "popularity_test": first["data"]["popularity_baseline"]["test"],
         "summary": summarise(rows),
         "runs": rows,
     }

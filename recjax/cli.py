@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--devices", type=int, default=None, help="use N virtual CPU devices")
     p.add_argument("--overwrite", action="store_true",
-                   help="with train.resume=false: delete the run_dir's earlier run and start over")
+                   help="delete the run_dir's earlier run (checkpoints, logs, report) and start over")
     p.add_argument("--accept-config-changes", action="store_true",
                    help="resume although keys that should not change between sessions changed")
     distributed.add_arguments(p)
@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-device-memory-gb", type=float, default=None, help="exit 1 when over this")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
 
-    p = sub.add_parser("params", help="print parameter counts and analytic FLOPs of a config")
+    p = sub.add_parser("params", help="print parameter counts, analytic FLOPs and per-device state of a config")
     _add_config_args(p)
+    p.add_argument("--devices", type=int, default=None,
+                   help="place the state on N virtual CPU devices (default: the devices present)")
 
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -145,13 +147,55 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    """``name: number`` lines: parameter counts and analytic FLOPs per example (per sequence for
+    the sequential task) from the config alone; then, on the config's mesh over the devices
+    present (``--devices N``: N virtual ones), each embedding table's rows and row shards and
+    the per-device train state and memory estimate (``recjax.train.compile``; nothing is
+    compiled or allocated). A mesh the devices cannot hold is a config error after the counts."""
     cfg = _load(args)
+    from recjax.tasks import get_task
     from recjax.train.state import describe_config
 
     info = describe_config(cfg)
-    for k, v in info.items():
-        print(f"{k:>26}: {v:,.0f}")
+    per = get_task(cfg).example_name[:-1]  # "example" | "sequence"
+    lines = {
+        "params_dense": info["params_dense"],
+        "params_active": info["params_active"],
+        "params_embedding": info["params_embedding"],
+        "params_total": info["params_dense"] + info["params_embedding"],
+        f"fwd_flops_per_{per}": info["fwd_flops_per_example"],
+        f"train_flops_per_{per}": info["train_flops_per_example"],
+    }
+    _print_numbers(lines)
+
+    from recjax.train import compile as compile_lib
+
+    setup = compile_lib.placement_setup(cfg)
+    tables = compile_lib.table_placement(setup)
+    state = compile_lib.state_memory(setup)
+    estimate = compile_lib.analytic_memory(setup, info)
+    per_example = compile_lib.activation_bytes_per_example(cfg, setup.task.data_info)
+    lines = {}
+    for t in tables:
+        lines[f"{t['name']}.rows"] = t["rows"]
+        lines[f"{t['name']}.shards"] = t["shards"]
+    lines.update({
+        "devices": setup.n_devices,
+        "state_bytes_unsharded": state["unsharded_total"],
+        "state_bytes_per_device": state["total"],
+        "table_bytes_per_device": sum(t["bytes_per_device"] for t in tables),
+    })
+    if per_example is not None:
+        lines[f"activation_bytes_per_{per}"] = per_example
+        lines["activation_bytes_per_device"] = estimate["activations"]
+    lines["memory_estimate_per_device"] = estimate["total"]
+    _print_numbers(lines)
     return 0
+
+
+def _print_numbers(lines: dict[str, float]) -> None:
+    for k, v in lines.items():
+        print(f"{k:>30}: {v:,.0f}")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -166,7 +210,13 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compile": cmd_compile, "param
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow an option (`recjax train --overwrite train.steps=5`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _use_virtual_devices(getattr(args, "devices", None))
     try:
         # train/eval join a multi-process job when one is configured; compile joins only for the
@@ -178,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         code = getattr(e, "exit_code", 2 if isinstance(e, ConfigError) else 1)
-        kind = "config error" if isinstance(e, ConfigError) else "error"
-        print(f"{kind}: {e}", file=sys.stderr)
+        kind = "config error: " if isinstance(e, ConfigError) else "" if hasattr(e, "exit_code") else "error: "
+        print(f"{kind}{e}", file=sys.stderr)
         return code
 
 

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import yaml
 
 from recjax import registry
-
 from recjax.errors import ConfigError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -362,6 +361,14 @@ def validate(cfg: Config) -> None:
                 "checkpoint_every_epochs", "patience"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key, value, low in (("embedding.dim", cfg.embedding.dim, 1),
+                            ("embedding.pad_rows_to", cfg.embedding.pad_rows_to, 1),
+                            ("optim.dense.lr", cfg.optim.dense.lr, 0),
+                            ("optim.embedding.lr", cfg.optim.embedding.lr, 0),
+                            ("optim.warmup_steps", cfg.optim.warmup_steps, 0),
+                            ("optim.grad_clip_norm", cfg.optim.grad_clip_norm, 0)):
+        if value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.patience > 0 and not t.best_metric:

@@ -72,3 +72,21 @@ def test_all_shipped_configs_resolve():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_config_imports_no_model_or_trainer_module():
+    """The registry looks models and tasks up by name: importing and loading a config pulls in
+    no model, task or trainer module, and nothing imports the removed sequential loop."""
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, recjax.config as c; "
+            "bad = [m for m in sys.modules if m.startswith(('recjax.models', 'recjax.tasks', 'recjax.train'))]; "
+            "print(bad); assert not bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    root = pathlib.Path(__file__).resolve().parent.parent / "recjax"
+    offenders = [str(p) for p in root.rglob("*.py") if "seqrec_loop" in p.read_text()]
+    assert offenders == []
+    assert not (root / "train" / "seqrec_loop.py").exists() and not (root / "train" / "loop.py").exists()

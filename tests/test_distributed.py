@@ -25,15 +25,31 @@ from recjax.errors import CheckpointMismatchError, DistributedError
 from recjax.parallel.distributed import resolve
 from recjax.parallel.launch import free_port
 from tests.conftest import REPO, run_cli, tiny
-from tests.test_train import checkpoint_steps, read_losses
 
 # The model every multi-process run trains: the flagship, at its CI size.
 MODEL_CONFIG = "configs/models/tokenmixer_large_tiny.yaml"
 STEPS, CKPT_EVERY, KILL_AT = 30, 10, 25  # process 1 dies fetching the batch of step 25
+# 8 devices hold the row-sharded tables: rows are padded to a multiple of 8 (500 -> 504)
+PAD = "embedding.pad_rows_to=8"
 TRAIN_ARGS = ["--config", MODEL_CONFIG, *tiny(
     f"train.steps={STEPS}", f"train.checkpoint_every={CKPT_EVERY}", "train.eval_every=0",
-    "train.async_checkpoint=false", "train.keep_checkpoints=5",
+    "train.async_checkpoint=false", "train.keep_checkpoints=5", PAD,
 )]
+
+
+def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
+    """Train loss per step from ``run_dir/metrics.jsonl`` (a step logged twice keeps the last)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 # ----------------------------------------------------------------------------- settings
@@ -120,18 +136,19 @@ def test_data_state_is_the_same_on_every_process_and_moves_between_process_count
             np.testing.assert_array_equal(got, want)
 
 
-def test_checkpoint_data_state_restores_onto_another_process_count(tmp_path: pathlib.Path):
+def test_checkpoint_loop_state_restores_onto_another_process_count(tmp_path: pathlib.Path):
     from etils import epath
 
-    from recjax.train.checkpoint import DataStateHandler
+    from recjax.train.checkpoint import LoopStateHandler
 
-    state = {"source": "synthetic", "split": "train", "next_record": 640}
+    data = {"source": "synthetic", "split": "train", "next_record": 640}
+    state = {"data": data, "best": {"best": None}, "clock": {"train_s": 1.0}}
     for p in range(2):
         (tmp_path / f"process_{p}-of-2.json").write_text(json.dumps(state))
-    assert DataStateHandler().restore(epath.Path(tmp_path)) == state  # this test is 1 process
-    (tmp_path / "process_1-of-2.json").write_text(json.dumps({**state, "next_record": 704}))
+    assert LoopStateHandler().restore(epath.Path(tmp_path)) == state  # this test is 1 process
+    (tmp_path / "process_1-of-2.json").write_text(json.dumps({**state, "data": {**data, "next_record": 704}}))
     with pytest.raises(CheckpointMismatchError, match="the saving processes disagree"):
-        DataStateHandler().restore(epath.Path(tmp_path))
+        LoopStateHandler().restore(epath.Path(tmp_path))
 
 
 # ----------------------------------------------------------------------------- multi-process runs
@@ -156,7 +173,6 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 from recjax.config import load_config
 from recjax.data import pipeline
-from recjax.train.loop import global_batch
 from recjax.train.state import build_setup
 
 out, steps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -168,7 +184,7 @@ local, assembled = [], []
 for _ in range(steps):
     ids = next(it)["example_id"].astype(np.int32)
     local.append(ids.tolist())
-    g = global_batch(setup, {"example_id": ids}, ("example_id",))["example_id"]
+    g = setup.global_batch({"example_id": ids})["example_id"]
     assembled.append(np.asarray(replicate(g)).tolist())
 (out / f"p{p}.json").write_text(json.dumps({"local": local, "global": assembled, "devices": jax.device_count()}))
 """
@@ -179,7 +195,7 @@ def test_each_process_reads_its_shard_and_the_global_batch_holds_every_example_o
     script.write_text(GLOBAL_BATCH_SCRIPT)
     n, devices, steps, g = 4, 2, 3, 48
     proc, _ = launch_local(n, devices, [sys.executable, str(script), str(tmp_path), str(steps),
-                                        *tiny(f"data.global_batch={g}")])
+                                        *tiny(f"data.global_batch={g}", PAD)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = [json.loads((tmp_path / f"p{p}.json").read_text()) for p in range(n)]
     assert {r["devices"] for r in runs} == {n * devices}
@@ -274,6 +290,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_multiprocess_training_kill_resume_and_process_count_changes(tmp_path: pathlib.Path):
     """One test (the runs feed each other; one test keeps them together under pytest-xdist)."""
     runs = _train_kill_and_relaunch(tmp_path)

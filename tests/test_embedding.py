@@ -214,6 +214,37 @@ def test_bad_ids_shape():
 # ----------------------------------------------------------------------------- params/sharding
 
 
+@pytest.mark.parametrize("oov", ["hash", "drop"])
+def test_padded_rows_are_never_looked_up(oov):
+    """``pad_rows_to``: rows rounded up (13 -> 16, 20 -> 24 for 8); ids keep the vocabulary's
+    meaning (OOV hashes mod the vocabulary, not the padded rows), padding rows get no gradient."""
+    assert [embedding.padded_rows(v, 8) for v in (1, 8, 13, 20)] == [8, 8, 16, 24]
+    assert embedding.padded_rows(13, 1) == 13
+    with pytest.raises(ConfigError, match="pad_rows_to must be >= 1"):
+        embedding.padded_rows(13, 0)
+    m = EmbeddingCollection(spec(13, 20), EmbeddingConfig(dim=4, oov=oov, pad_rows_to=8), rngs=nnx.Rngs(0))
+    assert table(m, "C1").shape == (16, 4) and table(m, "C2").shape == (24, 4)
+    ids = jnp.array([[12, 19], [13, 20], [15, 23], [-1, 45], [-3, 7]], jnp.int32)  # OOV: 13, 20, 15, 23, 45, -3
+    emb, count = call(m, ids)
+    emb = np.asarray(emb)
+    assert int(count) == 6
+    np.testing.assert_allclose(emb[0, 0], table(m, "C1")[12])
+    np.testing.assert_allclose(emb[0, 1], table(m, "C2")[19])
+    if oov == "hash":
+        np.testing.assert_allclose(emb[1, 0], table(m, "C1")[0])  # 13 mod 13, not padding row 13
+        np.testing.assert_allclose(emb[2, 0], table(m, "C1")[2])
+        np.testing.assert_allclose(emb[2, 1], table(m, "C2")[3])
+        np.testing.assert_allclose(emb[3, 1], table(m, "C2")[45 % 20])
+    else:
+        np.testing.assert_array_equal(emb[1:3], 0.0)
+    graphdef, params = nnx.split(m)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(ids)[0] ** 2)))(params)
+    for name, vocab in (("C1", 13), ("C2", 20)):
+        g = np.asarray(grads["tables"][name][...])
+        np.testing.assert_array_equal(g[vocab:], 0.0)
+        assert np.abs(g[:vocab]).sum() > 0
+
+
 @pytest.mark.parametrize(
     "placement, axes", [("row_sharded", ("table_rows", "embed")), ("replicated", (None, "embed"))]
 )
@@ -230,7 +261,8 @@ def test_param_paths_and_partition_specs(placement, axes):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         assert "tables" in keys
         assert tuple(pspec) == axes
-        assert isinstance(nnx.state(m, nnx.Param)["tables"][keys[1]], nnx.Param)
+        # the variable type the optimizer routes to the embedding group (a Param subtype)
+        assert isinstance(nnx.state(m, nnx.Param)["tables"][keys[1]], embedding.EmbeddingTable)
 
 
 # ----------------------------------------------------------------------------- dedup gradient

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import yaml
 
 from recjax.errors import LaunchError
 from recjax.parallel import launch
+from recjax.train.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import REPO, run_cli
 
 TRAIN = ["recjax", "train", "--config", "configs/experiments/dlrm_synthetic.yaml", "run_dir=/shared/runs/dlrm"]
@@ -56,6 +58,7 @@ def test_slurm_script_one_process_per_gpu():
     d = _sbatch_directives(script)
     assert d["nodes"] == "2" and d["ntasks-per-node"] == "8" and d["gpus-per-node"] == "8"
     assert d["partition"] == "gpu" and d["time"] == "04:00:00" and "requeue" in d
+    assert d["signal"] == "TERM@120"  # SIGTERM to every task 2 minutes before the time limit
     env = _exports(script)
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
     assert env["RECJAX_HEARTBEAT_TIMEOUT_S"] == "60" and env["RECJAX_SHUTDOWN_TIMEOUT_S"] == "120"
@@ -64,7 +67,7 @@ def test_slurm_script_one_process_per_gpu():
     assert len(srun) == 1
     words = shlex.split(srun[0])
     assert "--kill-on-bad-exit=1" in words and any(w.startswith("--wait=") for w in words)
-    assert words[-len(TRAIN):] == TRAIN
+    assert words[-len(TRAIN) - 2:] == [*TRAIN, "||", "status=$?"]  # the status decides on a requeue
     assert script.index("module load cuda") < script.index("srun ")
     # bash accepts it
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
@@ -80,6 +83,36 @@ def test_slurm_script_one_process_per_node_and_bad_layouts():
         launch.sbatch_script(TRAIN, nodes=2, gpus_per_node=8, procs_per_node=2)
     with pytest.raises(LaunchError, match="nodes"):
         launch.sbatch_script(TRAIN, nodes=0)
+
+
+def test_slurm_signal_before_the_time_limit_is_configurable():
+    assert _sbatch_directives(launch.sbatch_script(TRAIN, nodes=1, signal_s=300))["signal"] == "TERM@300"
+    assert "signal" not in _sbatch_directives(launch.sbatch_script(TRAIN, nodes=1, signal_s=0))
+    with pytest.raises(LaunchError, match="--signal-s"):
+        launch.sbatch_script(TRAIN, nodes=1, signal_s=-1)
+    out = run_cli(["launch", "slurm", "--nodes", "1", "--signal-s", "600", "--", *TRAIN]).stdout
+    assert _sbatch_directives(out)["signal"] == "TERM@600"
+
+
+@pytest.mark.parametrize("srun_status, requeued", [(PREEMPTED_EXIT_CODE, True), (0, False), (3, False)])
+def test_slurm_script_requeues_the_job_when_preempted(tmp_path: pathlib.Path, srun_status: int, requeued: bool):
+    """The script run by bash with stand-ins for srun and scontrol: status 75 (the trainer saved
+    and exited after SIGTERM) requeues the job and is returned; any other status is returned."""
+    for tool, body in (("srun", f'echo "$@" > {tmp_path}/srun.args\nexit {srun_status}'),
+                       ("scontrol", f'echo "$@" > {tmp_path}/scontrol.args')):
+        (tmp_path / tool).write_text(f"#!/bin/bash\n{body}\n")
+        (tmp_path / tool).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(launch.sbatch_script(TRAIN, nodes=2))
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == srun_status, proc.stderr
+    assert (tmp_path / "srun.args").read_text().split()[-len(TRAIN):] == TRAIN
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
+        assert "preempted; requeueing job 77" in proc.stderr
+    else:
+        assert not (tmp_path / "scontrol.args").exists()
 
 
 def _container(pod_spec: dict) -> dict:
@@ -220,6 +253,58 @@ def test_local_failure_stops_the_others_and_returns_its_status():
     assert "[p1] failing" in proc.stdout
     assert "process 1 exited with status 7; stopping the others" in proc.stderr
     assert seconds < 30
+
+
+# a process that takes SAVE_S to save after SIGTERM (longer than --grace-s), then exits preempted
+SAVES_ON_SIGTERM = (
+    "import os, signal, sys, time\n"
+    "first = os.environ['RECJAX_PROCESS_ID'] == '0'\n"
+    "def preempted(*_):\n"
+    "    time.sleep({save_s})\n"
+    "    print('saved', flush=True)\n"
+    f"    sys.exit({PREEMPTED_EXIT_CODE})\n"
+    "signal.signal(signal.SIGTERM, preempted)\n"
+    "print('ready', flush=True)\n"
+    "{body}\n"
+)
+
+
+def _start_local(code: str, n: int, *extra: str) -> subprocess.Popen:
+    """The launcher running ``code`` in ``n`` processes, returned once each printed 'ready'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recjax.cli", "launch", "local", "-n", str(n), *extra, "--",
+         sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    ready = 0
+    while ready < n:
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)
+        ready += line.rstrip().endswith("ready")
+    return proc
+
+
+def test_local_sigterm_is_passed_on_and_a_preempted_job_exits_75():
+    # SIGTERM to the launcher (as a scheduler sends it): every process gets it and has
+    # --term-grace-s (not --grace-s) to save; all exit 75, so the launcher exits 75
+    proc = _start_local(SAVES_ON_SIGTERM.format(save_s=1.5, body="time.sleep(600)"), 2, "--grace-s", "0.2")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert sorted(line for line in out.splitlines() if "saved" in line) == ["[p0] saved", "[p1] saved"]
+    assert "passing SIGTERM on to every process" in err and "every process saved and exited with 75" in err
+    assert time.monotonic() - t0 < 30
+
+
+def test_local_preempted_process_gives_the_others_time_to_save():
+    # process 0 alone is signalled (a host's notice) and exits 75 at once; process 1, sent
+    # SIGTERM by the launcher, needs 1.5 s: it gets --term-grace-s, not --grace-s
+    body = "time.sleep(2); os.kill(os.getpid(), signal.SIGTERM) if first else None; time.sleep(600)"
+    code = SAVES_ON_SIGTERM.format(save_s="0 if first else 1.5", body=body)
+    proc, _ = _local(code, 2, "--grace-s", "0.2")
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr
+    assert "[p0] saved" in proc.stdout and "[p1] saved" in proc.stdout
+    assert "process 0 was preempted (status 75); giving the others 60 s" in proc.stderr
 
 
 def test_local_killed_process_gives_128_plus_signal():

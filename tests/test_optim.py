@@ -1,4 +1,5 @@
-"""Schedules, row-wise Adagrad, dense/embedding labelling, clipping, weight-decay masking."""
+"""Schedules, row-wise Adagrad, dense/embedding groups (by variable type), clipping,
+weight-decay masking."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from recjax.config import DenseOptimConfig, EmbeddingOptimConfig, OptimConfig
+from recjax.config import DenseOptimConfig, EmbeddingOptimConfig, OptimConfig, load_config
+from recjax.tasks import get_task
 from recjax.train import optim
+from recjax.train.state import abstract_model, param_groups
 
 
 def cfg(**kw) -> OptimConfig:
@@ -24,6 +28,14 @@ def params() -> dict:
     return {
         "tables": {"C1": {"embedding": jnp.ones((6, 4))}},
         "bottom": {"layers": {0: {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))}}},
+    }
+
+
+def labels() -> dict:
+    """The optimizer groups of :func:`params` (as ``param_groups`` labels a model's tree)."""
+    return {
+        "tables": {"C1": {"embedding": "embedding"}},
+        "bottom": {"layers": {0: {"kernel": "dense", "bias": "dense"}}},
     }
 
 
@@ -116,19 +128,54 @@ def test_rowwise_adagrad_uses_schedule_count():
 # ----------------------------------------------------------------------------- labels / builder
 
 
-def test_is_embedding_path_key_kinds():
-    K = jax.tree_util
-    assert optim.is_embedding_path((K.DictKey("model"), K.GetAttrKey("tables"), K.DictKey("C1")))
-    assert optim.is_embedding_path((K.DictKey("tables"), K.SequenceKey(0)))
-    assert not optim.is_embedding_path((K.DictKey("bottom"), K.SequenceKey(0), K.DictKey("kernel")))
-    assert not optim.is_embedding_path((K.DictKey("table"), K.DictKey("embedding")))
-    labels = optim.param_labels(params())
-    assert labels["tables"]["C1"]["embedding"] == "embedding"
-    assert labels["bottom"]["layers"][0]["kernel"] == "dense"
+def _groups(*overrides: str, config: str | None = None) -> dict[str, str]:
+    """``param_groups`` of the (abstract) model of a config, flattened to ``{"a.b.c": group}``."""
+    cfg = load_config(config, list(overrides))
+    groups = param_groups(abstract_model(cfg, get_task(cfg)))
+    flat = jax.tree_util.tree_flatten_with_path(groups)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): g for p, g in flat}
+
+
+def test_param_groups_label_embedding_tables_by_type():
+    # DLRM: every table of the embedding collection (the features' and the user table) is
+    # "embedding", every MLP kernel and bias "dense"
+    dlrm = _groups("data.synthetic.num_sparse=2", "data.synthetic.vocab_sizes=[50]")
+    tables = {k for k, g in dlrm.items() if g == "embedding"}
+    assert tables == {"embedding.tables.C1", "embedding.tables.C2", "embedding.tables.user"}, dlrm
+    assert dlrm["bottom.layers.0.kernel"] == dlrm["top.layers.0.kernel"] == "dense"
+    assert dlrm["bottom.layers.0.bias"] == "dense"
+    assert set(dlrm.values()) == {"embedding", "dense"}
+    # the sequential model: the item table (and a separate output table) by their type, not
+    # their name; the position table is a plain Param and stays dense, as do the blocks
+    seq = _groups("data.sequences.synthetic.num_users=50", "data.sequences.synthetic.num_items=40",
+                  "model.tie_embeddings=false", config="configs/models/sasrec.yaml")
+    assert {k for k, g in seq.items() if g == "embedding"} == {"item_embedding", "output_embedding"}
+    assert seq["position_embedding"] == seq["output_bias"] == "dense"
+    assert seq["blocks.0.ffn_in.kernel"] == seq["blocks.0.attn.q.kernel"] == "dense"
+    tied = _groups("data.sequences.synthetic.num_users=50", "data.sequences.synthetic.num_items=40",
+                   config="configs/models/sasrec.yaml")
+    assert {k for k, g in tied.items() if g == "embedding"} == {"item_embedding"}
+
+
+def test_param_groups_route_a_real_model_to_its_optimizers():
+    # sgd on both groups at different rates: a DLRM's tables move by -lr_emb, its MLPs by -lr_dense
+    cfg = load_config(None, ["data.synthetic.num_sparse=2", "data.synthetic.vocab_sizes=[50]",
+                             "optim.dense.name=sgd", "optim.dense.lr=0.1", "optim.embedding.name=sgd",
+                             "optim.embedding.lr=2.0", "optim.warmup_steps=0", "optim.decay=constant",
+                             "optim.grad_clip_norm=0"])
+    model = abstract_model(cfg, get_task(cfg))
+    groups = param_groups(model)
+    p = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(model)))
+    tx = optim.make_optimizer(cfg.optim, 10, groups)
+    upd, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    np.testing.assert_allclose(np.asarray(upd["embedding"]["tables"]["C1"]), -2.0)
+    np.testing.assert_allclose(np.asarray(upd["embedding"]["tables"]["user"]), -2.0)
+    np.testing.assert_allclose(np.asarray(upd["top"]["layers"][0]["kernel"]), -0.1)
+    np.testing.assert_allclose(np.asarray(upd["bottom"]["layers"][0]["bias"]), -0.1)
 
 
 def test_state_leaves_mirror_param_paths():
-    tx = optim.make_optimizer(cfg(), 100)
+    tx = optim.make_optimizer(cfg(), 100, labels())
     state = tx.init(params())
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     acc = [
@@ -149,7 +196,7 @@ def test_groups_use_their_own_optimizer_and_lr():
         decay="constant",
         grad_clip_norm=0.0,
     )
-    tx = optim.make_optimizer(c, 10)
+    tx = optim.make_optimizer(c, 10, labels())
     p = params()
     g = jax.tree.map(jnp.ones_like, p)
     upd, _ = tx.update(g, tx.init(p), p)
@@ -166,7 +213,7 @@ def test_clipping_over_all_grads():
         decay="constant",
         grad_clip_norm=1.0,
     )
-    tx = optim.make_optimizer(c, 10)
+    tx = optim.make_optimizer(c, 10, labels())
     p = params()
     g = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), p)
     upd, _ = tx.update(g, tx.init(p), p)
@@ -189,7 +236,7 @@ def test_weight_decay_only_on_matrices(name):
         decay="constant",
         grad_clip_norm=0.0,
     )
-    tx = optim.make_optimizer(c, 10)
+    tx = optim.make_optimizer(c, 10, labels())
     p = params()
     zero = jax.tree.map(jnp.zeros_like, p)
     upd, _ = tx.update(zero, tx.init(p), p)
@@ -209,7 +256,7 @@ def test_all_combinations_step(dense, emb):
     c = cfg(
         dense=DenseOptimConfig(name=dense), embedding=EmbeddingOptimConfig(name=emb), warmup_steps=0
     )
-    tx = optim.make_optimizer(c, 10)
+    tx = optim.make_optimizer(c, 10, labels())
     p = params()
     g = jax.tree.map(jnp.ones_like, p)
     upd, state = jax.jit(tx.update)(g, tx.init(p), p)

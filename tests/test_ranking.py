@@ -97,3 +97,16 @@ def test_protocol_names():
 def test_bad_targets_are_reported():
     with pytest.raises(ValueError, match="item ids in 1..4"):
         rk.target_ranks(SCORES, np.array([0, 1, 2]))
+
+
+def test_device_ranks_ignore_the_padding_rows_of_a_padded_table():
+    """A padded item table scores ``R > V`` columns; with ``num_items`` the extra columns
+    (here scoring above every item) and the [MASK] column are never candidates."""
+    pad = np.full((3, 4), 100.0)  # 4 padding rows after [MASK]: R = 6 + 4
+    scores = np.concatenate([SCORES, pad], axis=1)
+    ranks, ties = rk.full_ranks_jax(jnp.asarray(scores), jnp.asarray(TARGETS), num_items=4)
+    np.testing.assert_array_equal(np.asarray(ranks), [2, 1, 4])
+    np.testing.assert_array_equal(np.asarray(ties), [0, 2, 0])
+    # without num_items, ids 1..R-2 are candidates: [MASK] (col 5) and padding cols 6-8 count
+    ranks, _ = rk.full_ranks_jax(jnp.asarray(scores), jnp.asarray(TARGETS))
+    np.testing.assert_array_equal(np.asarray(ranks), [2 + 4, 1 + 3, 4 + 3])

@@ -13,6 +13,7 @@ from recjax.config import SequenceDataConfig, SyntheticSequenceConfig
 from recjax.data import seq_pipeline, seq_readers
 from recjax.data.seq_pipeline import (
     TrainBatches,
+    TrainIterator,
     eval_rows,
     leave_one_out,
     load_for_config,
@@ -427,6 +428,49 @@ def test_train_batches_shuffle_pad_and_resume():
     for x, y in zip(epoch1[2:], resumed, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_train_iterator_slices_processes_and_resumes_from_a_global_position():
+    """The trainer's iterator: epochs from 1, process slices of each global batch, and a state
+    (a global position) that resumes mid-epoch and on another process count."""
+    split = leave_one_out(_toy_sequences())
+    rows = train_rows(split, 3, "windows", "next_item")
+    batches = TrainBatches(rows, 4, seed=7, objective="next_item", num_items=20)
+    n = len(batches)
+    assert n >= 3
+    expected = list(batches.epoch(1)) + list(batches.epoch(2))
+    it = TrainIterator(batches)
+    got = [next(it) for _ in range(2 * n)]
+    for x, y in zip(got, expected, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert it.get_state() == {"source": "sequences", "split": "train", "epoch": 2, "next_batch": n}
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    one = TrainIterator(batches)
+    for _ in range(n - 1):  # stop one batch before the end of epoch 1
+        next(one)
+    state = json.loads(json.dumps(one.get_state()))
+    assert state["epoch"] == 1 and state["next_batch"] == n - 1
+    resumed = TrainIterator(batches)
+    resumed.set_state(state)
+    for i in range(3):  # across the epoch boundary
+        assert same(next(resumed), expected[n - 1 + i])
+    # two processes: each holds half of every global batch, with the same global state
+    procs = [TrainIterator(batches, p, 2) for p in range(2)]
+    for p in procs:
+        p.set_state(state)
+    for i in range(3):
+        a, b = (next(p) for p in procs)
+        assert a["inputs"].shape == (2, 3)
+        assert same({k: np.concatenate([a[k], b[k]]) for k in a}, expected[n - 1 + i])
+    assert procs[0].get_state() == procs[1].get_state() == resumed.get_state()
+    with pytest.raises(ConfigError, match="multiple of the process count 3"):
+        TrainIterator(batches, 0, 3)
+    with pytest.raises(ConfigError, match="source='synthetic'"):
+        resumed.set_state({"source": "synthetic", "split": "train", "next_record": 0})
 
 
 def test_cloze_masking_statistics_and_determinism():

@@ -1,8 +1,10 @@
-"""Sequential recommenders: attention masking, padding invariance, Cotten4Rec's m_h, losses,
-early stopping, and end-to-end training / resume on the synthetic sequences."""
+"""Sequential recommenders: attention masking, padding invariance, Cotten4Rec's m_h, losses
+(over a padded item table), the best-metric / early-stopping hook, and end-to-end training /
+resume / evaluation of the seqrec task by the one trainer on the synthetic sequences."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -13,10 +15,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from recjax.config import load_config
+from recjax.config import CONFIG_DIR, load_config
+from recjax.errors import ConfigError
 from recjax.kernels.linear_attention import linear_attention_reference
-from recjax.models.seqrec import build_seqrec
-from recjax.train import seqrec_loop as sl
+from recjax.models import registry as models
+from recjax.models.seqrec import SequenceInfo
+from recjax.tasks import get_task
+from recjax.tasks.seqrec import RankingEvaluator, sequence_loss
+from recjax.train import trainer
+from recjax.train.checkpoint import Checkpointer
+from recjax.train.hooks import BestTracker
+from recjax.train.state import build_setup
+from recjax.train.step import make_train_step
 
 NUM_ITEMS, MAX_LEN = 30, 12
 
@@ -35,7 +45,8 @@ def make_params(*overrides: str):
     """(cfg, graphdef, params) of a tiny model. Initialised eagerly: on CPU the per-op
     compiles of the random initialisers are cached across tests, a jitted init is not."""
     cfg = tiny_cfg(*overrides)
-    graphdef, state = nnx.split(build_seqrec(cfg, NUM_ITEMS, nnx.Rngs(params=jax.random.PRNGKey(0))))
+    info = SequenceInfo(NUM_ITEMS, MAX_LEN)
+    graphdef, state = nnx.split(models.build_model(cfg, info, nnx.Rngs(params=jax.random.PRNGKey(0))))
     return cfg, graphdef, nnx.to_pure_dict(state)
 
 
@@ -123,7 +134,7 @@ def test_cotten4rec_length_scale_receives_gradient():
 
     @jax.jit
     def grad(p):
-        return jax.grad(lambda p: sl.sequence_loss(
+        return jax.grad(lambda p: sequence_loss(
             nnx.merge(graphdef, p), batch, jax.random.key(0, impl="rbg"), cfg.model, False)[0])(p)
 
     for block in grad(params)["blocks"].values():
@@ -132,8 +143,12 @@ def test_cotten4rec_length_scale_receives_gradient():
 
 
 def test_sampled_and_full_losses_agree_with_a_direct_computation():
-    cfg, graphdef, params = make_params("model.dropout=0.0", "model.attn_dropout=0.0")
-    sampled = {k: tiny_cfg("model.loss=sampled", f"model.sampled_loss={k}", "model.num_sampled=8").model
+    # the item table padded to 64 rows (0 pad, items 1..30, 31 [MASK], 32..63 padding rows):
+    # the padding rows are never classes
+    pad = "embedding.pad_rows_to=64"
+    cfg, graphdef, params = make_params("model.dropout=0.0", "model.attn_dropout=0.0", pad)
+    assert params["item_embedding"].shape == (64, 16) and params["output_bias"].shape == (64,)
+    sampled = {k: tiny_cfg("model.loss=sampled", f"model.sampled_loss={k}", "model.num_sampled=8", pad).model
                for k in ("ce", "bce")}
     inputs, lengths = random_batch(5, lengths=(6, MAX_LEN))
     targets = np.where(inputs > 0, inputs % NUM_ITEMS + 1, 0)
@@ -143,12 +158,13 @@ def test_sampled_and_full_losses_agree_with_a_direct_computation():
     def run(params):
         model = nnx.merge(graphdef, params)
         key = jax.random.key(0, impl="rbg")
-        out = {"full": sl.sequence_loss(model, batch, key, cfg.model, False),
-               "last": sl.sequence_loss(model, batch, key, cfg.model, True)}
-        out.update({k: sl.sequence_loss(model, batch, key, m, False) for k, m in sampled.items()})
+        out = {"full": sequence_loss(model, batch, key, cfg.model, False),
+               "last": sequence_loss(model, batch, key, cfg.model, True)}
+        out.update({k: sequence_loss(model, batch, key, m, False) for k, m in sampled.items()})
         return out, model.item_logits(model.encode(inputs, lengths, train=False))
 
     out, logits = run(params)
+    assert logits.shape[-1] == 64
     logits = np.asarray(logits, np.float64)[..., 1:NUM_ITEMS + 1]
     per = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, np.maximum(targets - 1, 0)[..., None], -1)[..., 0]
     loss, count = out["full"]
@@ -163,42 +179,61 @@ def test_sampled_and_full_losses_agree_with_a_direct_computation():
     assert float(out["ce"][0]) < float(out["full"][0])
 
 
-def test_early_stopping_stops_after_patience_non_improving_validations():
-    es = sl.EarlyStopping(patience=2)
+def test_best_tracker_stops_after_patience_non_improving_evaluations():
+    """The trainer's best-metric hook (every task): early stopping, its checkpointed state."""
+    best = BestTracker("valid/ndcg@10", "max", patience=2)
     seen = []
-    for epoch, value in enumerate([0.1, 0.3, 0.3, 0.2, 0.5, 0.4, 0.4], start=1):
-        seen.append((es.update(epoch, value), es.stop))
-        if es.stop:
+    for step, value in enumerate([0.1, 0.3, 0.3, 0.2, 0.5, 0.4, 0.4], start=1):
+        seen.append((best.update(10 * step, {"valid": {"ndcg@10": value, "hr@10": 1.0}}), best.stop))
+        if best.stop:
             break
-    # 0.3 at epoch 2 is the best; 0.3 (equal, not better) and 0.2 are two misses -> stop at 4
+    # 0.3 at step 20 is the best; 0.3 (equal, not better) and 0.2 are two misses -> stop at 40
     assert seen == [(True, False), (True, False), (False, False), (False, True)]
-    assert (es.best, es.best_epoch, es.bad) == (0.3, 2, 2)
-    restored = sl.EarlyStopping.from_state(json.loads(json.dumps(es.state())), patience=2)
-    assert (restored.best, restored.best_epoch, restored.bad, restored.stop) == (0.3, 2, 2, True)
-    never = sl.EarlyStopping(patience=0)
-    for epoch in range(1, 50):
-        never.update(epoch, 0.0)
+    assert (best.best, best.best_step, best.bad, best.last_eval_step) == (0.3, 20, 2, 40)
+    assert [h["step"] for h in best.history] == [10, 20, 30, 40]
+    restored = BestTracker("valid/ndcg@10", "max", patience=2)
+    restored.load(json.loads(json.dumps(best.state())))
+    assert (restored.best, restored.best_step, restored.bad, restored.stop) == (0.3, 20, 2, True)
+    assert restored.history == best.history and restored.last_eval_step == 40
+    never = BestTracker("valid/ndcg@10", "max", patience=0)
+    for step in range(1, 50):
+        never.update(step, {"valid": {"ndcg@10": 0.0}})
     assert not never.stop
+    # mode min (e.g. a loss), and a non-finite value is never a best
+    low = BestTracker("eval/logloss", "min", patience=1)
+    assert low.update(1, {"eval": {"logloss": 0.5}}) and not low.update(2, {"eval": {"logloss": float("nan")}})
+    assert (low.best, low.best_step, low.stop) == (0.5, 1, True)
+    # no metric: evaluations are only counted
+    plain = BestTracker()
+    assert not plain.update(5, {"valid": {"ndcg@10": 1.0}}) and plain.last_eval_step == 5 and not plain.stop
+    with pytest.raises(ConfigError, match="valid/ndcg@50"):
+        BestTracker("valid/ndcg@50").update(1, {"valid": {"ndcg@10": 0.1}})
 
 
 # ----------------------------------------------------------------------------- training
 
-# Tiny synthetic sequences and model; adam at a constant rate, no dropout (dropout's random
-# bits dominate compile time on CPU and are covered above).
+# Tiny synthetic sequences and model on the task defaults (configs/tasks/seqrec.yaml: item
+# table padded to 64 rows, Adam on both groups, validation and a checkpoint every epoch,
+# best valid/ndcg@10 kept and tested); adam at a constant rate, no dropout (dropout's random
+# bits dominate compile time on CPU and are covered above). 609 training windows in batches
+# of 64: 10 steps per epoch, 40 in all.
+TASK_CONFIG = CONFIG_DIR / "tasks" / "seqrec.yaml"
 E2E = [
     "model.name=seqrec", "model.hidden=16", "model.inner=32", "model.num_heads=2",
     "model.num_layers=1", "model.dropout=0.0", "model.attn_dropout=0.0",
     "data.source=sequences", "data.sequences.max_len=10", "data.global_batch=64",
     "data.sequences.synthetic.num_users=300", "data.sequences.synthetic.num_items=100",
     "data.sequences.synthetic.min_length=8", "data.sequences.synthetic.max_length=30",
-    "optim.dense.name=adam", "optim.dense.lr=0.01", "optim.warmup_steps=0",
-    "optim.decay=constant", "optim.grad_clip_norm=0", "train.epochs=4",
-    "train.tensorboard=false", "train.async_checkpoint=false", "ranking.ks=[5,10]",
+    "optim.dense.name=adam", "optim.dense.lr=0.01", "optim.embedding.name=adam", "optim.embedding.lr=0.01",
+    "optim.warmup_steps=0", "optim.decay=constant", "optim.grad_clip_norm=0", "train.epochs=4",
+    "train.log_every=1", "train.tensorboard=false", "train.async_checkpoint=false", "ranking.ks=[5,10]",
 ]
+SPE = 10  # steps per epoch
 REPORT_KEYS = {
-    "protocol", "model", "data", "best_epoch", "epochs_run", "stopped_early", "valid", "test",
-    "popularity_baseline", "train_sequences_per_s", "train_time_s", "train_time_to_best_s",
-    "wall_time_to_best_s", "wall_time_total_s", "device", "versions",
+    "task", "model", "data", "steps", "epochs", "stopped_early", "best_metric", "best_step",
+    "best_value", "train", "eval", "test", "train_examples_per_s", "train_time_s", "eval_time_s",
+    "checkpoint_time_s", "train_time_to_best_s", "wall_time_to_best_s", "wall_time_total_s",
+    "model_info", "train_step_memory_bytes", "environment",
 }
 
 
@@ -218,7 +253,7 @@ def compile_cache(tmp_path_factory):
 
 def e2e_cfg(run_dir: pathlib.Path, *extra: str):
     keys = {e.split("=", 1)[0] for e in extra}
-    return load_config(None, [o for o in E2E if o.split("=", 1)[0] not in keys] + [*extra, f"run_dir={run_dir}"])
+    return load_config(TASK_CONFIG, [o for o in E2E if o.split("=", 1)[0] not in keys] + [*extra, f"run_dir={run_dir}"])
 
 
 def records(run_dir: pathlib.Path, split: str) -> list[dict]:
@@ -226,115 +261,147 @@ def records(run_dir: pathlib.Path, split: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+def checkpoint_steps(directory: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 class Interrupted(Exception):
     pass
 
 
 def test_train_seqrec_beats_popularity_writes_report_and_resumes_exactly(tmp_path, monkeypatch, compile_cache):
-    ref = sl.train_seqrec(e2e_cfg(tmp_path / "a"))
+    ref = trainer.train(e2e_cfg(tmp_path / "a"))
     assert REPORT_KEYS <= ref.keys()
     assert json.loads((tmp_path / "a" / "report.json").read_text()) == json.loads(json.dumps(ref))
-    assert ref["protocol"] == "leave-one-out, full ranking over 100 items, history not masked"
-    assert ref["data"]["users"] == 300 and ref["data"]["items"] == 100
-    assert ref["data"]["interactions"] > 300 * 8 and ref["epochs_run"] == 4
-    assert ref["model"]["attention"] == "softmax" and ref["train_sequences_per_s"] > 0
-    pop = ref["popularity_baseline"]["valid"]["ndcg@10"]
-    print(f"valid NDCG@10: model {ref['valid']['ndcg@10']:.4f}, popularity {pop:.4f}")
-    assert ref["valid"]["ndcg@10"] > 1.2 * pop
-    assert ref["test"]["ndcg@10"] > ref["popularity_baseline"]["test"]["ndcg@10"]
+    assert ref["task"] == "seqrec" and ref["best_metric"] == "valid/ndcg@10"
+    data = ref["data"]
+    assert data["protocol"] == "leave-one-out, full ranking over 100 items, history not masked"
+    assert data["users"] == 300 and data["items"] == 100 and data["batches_per_epoch"] == SPE
+    assert data["interactions"] > 300 * 8 and ref["epochs"] == 4 and ref["steps"] == 4 * SPE
+    assert not ref["stopped_early"]
+    assert ref["model"]["attention"] == "softmax" and ref["train_examples_per_s"] > 0
+    # parameters over the padded item table: 100 items + pad + [MASK] = 102 rows -> 128 (pad_rows_to
+    # 64), d = 16, tied output; dense: position [10, 16], output bias [128], final LayerNorm 2 x 16,
+    # one block: 2 LayerNorms 2 x 2 x 16, q/k/v/o 4 x (16 x 16 + 16), FFN 16 x 32 + 32 + 32 x 16 + 16
+    info = ref["model_info"]
+    assert info["params_embedding"] == 128 * 16
+    block = 4 * 16 + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16)
+    assert info["params_dense"] == info["params_active"] == 10 * 16 + 128 + 2 * 16 + block
+    pop = data["popularity_baseline"]["valid"]["ndcg@10"]
+    print(f"valid NDCG@10: model {ref['best_value']:.4f}, popularity {pop:.4f}")
+    assert ref["best_value"] > 1.2 * pop
+    assert ref["test"]["ndcg@10"] > data["popularity_baseline"]["test"]["ndcg@10"]
     train = records(tmp_path / "a", "train")
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert train[-1]["loss"] < train[0]["loss"]
-    assert [r["step"] for r in records(tmp_path / "a", "valid")] == [1, 2, 3, 4]
-    assert records(tmp_path / "a", "test")[0]["ndcg@10"] == ref["test"]["ndcg@10"]
+    assert [r["step"] for r in train] == list(range(1, 4 * SPE + 1))
+    assert train[-1]["epoch"] == 4.0 and train[-1]["loss"] < train[0]["loss"]
+    valid = records(tmp_path / "a", "valid")
+    assert [r["step"] for r in valid] == [0, SPE, 2 * SPE, 3 * SPE, 4 * SPE]  # the curve starts at 0
+    assert ref["eval"]["valid"] == {k: v for k, v in valid[-1].items() if k not in ("step", "split", "time")}
+    best = max(valid[1:], key=lambda r: r["ndcg@10"])
+    assert (ref["best_step"], ref["best_value"]) == (best["step"], best["ndcg@10"])
+    (test,) = records(tmp_path / "a", "test")  # once, on the best parameters
+    assert test["step"] == ref["best_step"] and test["ndcg@10"] == ref["test"]["ndcg@10"]
+    assert checkpoint_steps(tmp_path / "a" / "best" / "checkpoints") == [ref["best_step"]]
+    assert checkpoint_steps(tmp_path / "a" / "checkpoints") == [3 * SPE, 4 * SPE]  # keep 2
     # `recjax eval` path: the best checkpoint scores the same
-    again = sl.evaluate_seqrec(e2e_cfg(tmp_path / "a"))
-    assert again["best_epoch"] == ref["best_epoch"]
+    again = trainer.evaluate(e2e_cfg(tmp_path / "a"))
+    assert again["step"] == ref["best_step"]
+    assert again["valid"]["ndcg@10"] == pytest.approx(ref["best_value"])
     assert again["test"]["ndcg@10"] == pytest.approx(ref["test"]["ndcg@10"])
 
     # the same run killed right after epoch 2's checkpoint, then restarted
     run_b = tmp_path / "b"
-    save = sl.Checkpointer.save
+    save = Checkpointer.save
 
     def save_then_die(self, step, *args, **kwargs):
         save(self, step, *args, **kwargs)
-        if self.directory == (run_b / "checkpoints").resolve() and step == 2:
+        if str(self.directory) == str(run_b / "checkpoints") and step == 2 * SPE:
             raise Interrupted
 
-    monkeypatch.setattr(sl.Checkpointer, "save", save_then_die)
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(Interrupted):
-        sl.train_seqrec(e2e_cfg(run_b))
+        trainer.train(e2e_cfg(run_b))
     monkeypatch.undo()
-    assert [r["step"] for r in records(run_b, "train")] == [1, 2]
-    resumed = sl.train_seqrec(e2e_cfg(run_b))
+    assert [r["step"] for r in records(run_b, "train")] == list(range(1, 2 * SPE + 1))
+    resumed = trainer.train(e2e_cfg(run_b))
     train_b = records(run_b, "train")
-    assert [r["step"] for r in train_b] == [1, 2, 3, 4]
+    assert [r["step"] for r in train_b] == list(range(1, 4 * SPE + 1))
     np.testing.assert_allclose([r["loss"] for r in train_b], [r["loss"] for r in train], rtol=1e-6)
-    assert resumed["best_epoch"] == ref["best_epoch"] and resumed["epochs_run"] == 4
+    assert [r["step"] for r in records(run_b, "valid")] == [0, SPE, 2 * SPE, 3 * SPE, 4 * SPE]
+    assert resumed["best_step"] == ref["best_step"] and resumed["steps"] == 4 * SPE
+    assert resumed["best_value"] == pytest.approx(ref["best_value"], rel=1e-6)
     assert resumed["test"]["ndcg@10"] == pytest.approx(ref["test"]["ndcg@10"], rel=1e-6)
 
 
 def test_training_stops_after_patience_validations_without_improvement(tmp_path, monkeypatch, compile_cache):
-    values = iter([0.3, 0.2, 0.3, 0.9])  # best at epoch 1, then two validations that are not better
+    # the first value is the evaluation at step 0 (the start of the curve; never a best)
+    values = iter([0.0, 0.3, 0.2, 0.3, 0.9])  # best at epoch 1, then two validations not better
     metrics = lambda v: {"hr@5": v, "ndcg@5": v, "hr@10": v, "ndcg@10": v, "mrr": v, "users": 300}
-    monkeypatch.setattr(sl, "evaluate_split", lambda *a, **k: metrics(next(values, 0.0)))
-    out = sl.train_seqrec(e2e_cfg(tmp_path, "ranking.patience=2"))
-    assert (out["best_epoch"], out["epochs_run"], out["stopped_early"]) == (1, 3, True)
-    assert out["valid"]["ndcg@10"] == 0.3
-    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "best" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    real = RankingEvaluator.__call__
+    monkeypatch.setattr(RankingEvaluator, "__call__",
+                        lambda self, params: metrics(next(values)) if self.which == "valid" else real(self, params))
+    out = trainer.train(e2e_cfg(tmp_path, "train.patience=2"))
+    assert (out["best_step"], out["steps"], out["epochs"], out["stopped_early"]) == (SPE, 3 * SPE, 3.0, True)
+    assert out["best_value"] == 0.3 and out["eval"]["valid"]["ndcg@10"] == 0.3
+    assert [r["step"] for r in records(tmp_path, "train")] == list(range(1, 3 * SPE + 1))
+    assert [r["step"] for r in records(tmp_path, "valid")] == [0, SPE, 2 * SPE, 3 * SPE]
+    assert checkpoint_steps(tmp_path / "best" / "checkpoints") == [SPE]
+    assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 3 * SPE  # saved where it stopped
+    (test,) = records(tmp_path, "test")
+    assert test["step"] == SPE and out["test"]["ndcg@10"] == test["ndcg@10"]
 
 
 @pytest.mark.parametrize("model", ["cotten4rec", "linrec_prefixes_sampled"])
 def test_losses_are_finite_and_decrease_on_synthetic_sequences(model):
-    from recjax.data import seq_pipeline as sp
-
     extra = {
         "cotten4rec": ["model.attention=cosine", "model.causal=false", "model.objective=cloze"],
         "linrec_prefixes_sampled": ["model.attention=elu_l2", "model.loss=sampled", "model.num_sampled=20",
                                     "data.sequences.train_rows=prefixes"],
     }[model]
     cfg = e2e_cfg(pathlib.Path("unused"), *extra)
-    data = sp.load_for_config(cfg.data.sequences)
-    split = sp.leave_one_out(data)
-    rows = sp.train_rows(split, 10, cfg.data.sequences.train_rows, cfg.model.objective)
-    batches = sp.TrainBatches(rows, 64, seed=0, objective=cfg.model.objective, num_items=100, mask_prob=0.2)
-    tx = sl.optim.make_optimizer(cfg.optim, 100)
-    graphdef, _, init = sl.init_params(cfg, 100)
-    params = init(jax.random.key(0, impl="rbg"))
-    opt_state = tx.init(params)
-    step = sl.make_train_step(graphdef, tx, cfg)
-    batch = next(batches.epoch(1))  # one fixed batch: its loss must fall
+    setup = build_setup(cfg)
+    state = setup.init_state()
+    step = make_train_step(setup)
+    local = next(setup.task.train_iterator(0, 1))  # one fixed batch: its loss must fall
+    batch = setup.global_batch(local)
     losses = []
-    for i in range(12):
-        params, opt_state, loss, gnorm = step(params, opt_state, batch, np.int32(i))
-        losses.append(float(loss))
-        assert math.isfinite(float(gnorm))
+    for _ in range(12):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        assert math.isfinite(float(m["grad_norm"]))
+        assert float(m["targets"]) == float(np.count_nonzero(
+            local["targets"] if model == "cotten4rec"
+            else local["targets"][np.arange(64), np.maximum(local["lengths"] - 1, 0)]))
+    assert int(state["step"]) == 12 and int(state["nonfinite_step"]) == -1
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def last_scores(graphdef, params, inputs, lengths):
+    """Scores ``[U, R]`` of every table row at each user's last input position."""
+    model = nnx.merge(graphdef, params)
+    h = model.encode(inputs, lengths, train=False)
+    return model.item_logits(h[jnp.arange(h.shape[0]), lengths - 1])
+
+
 def test_evaluation_ranks_match_the_numpy_spec_for_every_protocol():
-    from recjax.data import seq_pipeline as sp
     from recjax.train import ranking as rk
-
-    cfg = e2e_cfg(pathlib.Path("unused"))
-    split = sp.leave_one_out(sp.load_for_config(cfg.data.sequences))
-    graphdef, _, init = sl.init_params(cfg, 100)
-    params = init(jax.random.key(0, impl="rbg"))
-
-    @jax.jit
-    def scores(params, inputs, lengths):
-        model = nnx.merge(graphdef, params)
-        h = model.encode(inputs, lengths, train=False)
-        return model.item_logits(h[jnp.arange(h.shape[0]), lengths - 1])
 
     for protocol, extra in (("full", ["ranking.mask_history=true"]), ("sampled", ["ranking.num_negatives=20"])):
         c = e2e_cfg(pathlib.Path("unused"), f"ranking.protocol={protocol}", "ranking.batch=128", *extra)
-        ev = sl._eval_split(c, split, "test")
+        task = get_task(c)
+        setup = build_setup(c, task)
+        params = setup.init_state()["params"]
+        ev = task.eval_split("test")
         assert len(ev.rows) == 300  # not a multiple of the batch: the last batch is padded
-        got, _ = sl.rank_split(sl.make_eval_step(graphdef, protocol), params, ev, c.ranking.batch)
-        s = np.asarray(scores(params, ev.rows.inputs, ev.rows.lengths))
+        evaluator = RankingEvaluator(task, setup, "test")
+        got, ties = (np.concatenate(x) for x in zip(*[
+            [np.asarray(a)[:n] for a in evaluator.step(params, *setup.replicated_batch(arrays))]
+            for n, arrays in evaluator._batches(ev)], strict=True))
+        s = np.asarray(last_scores(setup.graphdef, params, ev.rows.inputs, ev.rows.lengths))
+        assert s.shape == (300, 128)  # the padded table's rows: 102 ids -> 128
+        s = s[:, :100 + 2]  # the spec's columns: pad, items 1..100, [MASK]
         t = ev.rows.targets
         if protocol == "full":
             want = rk.target_ranks(s, t, (ev.rows.history_offsets, ev.rows.history_items))
@@ -343,5 +410,6 @@ def test_evaluation_ranks_match_the_numpy_spec_for_every_protocol():
             assert ev.negatives.shape == (300, 20)
             want = rk.sampled_ranks(s[np.arange(300), t], np.take_along_axis(s, ev.negatives, axis=1))
         np.testing.assert_array_equal(got, want)
-        pop = sl.popularity_metrics(sl.Prepared(split.data, split, None, None, ev, ev), ev, c)
+        assert evaluator(params) == rk.ranking_metrics(got, c.ranking.ks, ties)
+        pop = task.popularity("test")
         assert 0 < pop["ndcg@10"] < pop["hr@10"] <= 1

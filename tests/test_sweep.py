@@ -1,9 +1,11 @@
-"""Sweep specs, stable run ids, the results table, runners (sequential and worker processes),
-failure recording, resume, status and cluster-job emission."""
+"""Sweep specs, stable run ids, the results table, runners (sequential and worker processes;
+CTR and sequential models through the one trainer), failure recording, resume, status and
+cluster-job emission."""
 
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import pathlib
 import shutil
@@ -182,3 +184,69 @@ def test_emit_dry_run_writes_one_job_per_pending_run(tmp_path):
     if shutil.which("sbatch") is None:
         with pytest.raises(SpecError, match="'sbatch' is not on PATH"):
             emit.emit(sweep, runs, "slurm", dry_run=False)
+
+
+# --------------------------------------------------------------------------- sequential models
+SEQREC_SMOKE = REPO / "configs" / "sweeps" / "seqrec_smoke.yaml"
+
+
+def test_seqrec_sweep_runs_through_sweep_run_with_ranking_columns(tmp_path, capsys):
+    """configs/sweeps/seqrec_smoke.yaml (two SASRec sizes, 2 epochs on synthetic sequences)
+    through `recjax sweep run`: every row ok, with the best validation value, the test
+    metrics of the best parameters and the steps the epochs took; a rerun skips both."""
+    from recjax.cli import main
+
+    out = tmp_path / "out"
+    assert main(["sweep", "run", str(SEQREC_SMOKE), "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2] ok" in printed and "valid/ndcg@10" in printed
+    rows = {r["preset"]: r for r in results.read_rows(out / "results.csv")}
+    assert set(rows) == {"s", "m"}
+    for preset, hidden, layers in (("s", 16, 1), ("m", 32, 2)):
+        r = rows[preset]
+        report = json.loads((pathlib.Path(r["run_dir"]) / "report.json").read_text())
+        assert r["status"] == "ok" and r["task"] == "seqrec" and r["model"] == "seqrec"
+        assert r["d_model"] == hidden and r["layers"] == layers
+        assert r["epochs"] == 2.0 and r["steps"] == report["steps"] == 2 * report["data"]["batches_per_epoch"]
+        assert r["examples_seen"] == 32 * r["steps"]
+        assert r["embedding_params"] == 128 * hidden and r["dense_params"] > 0
+        assert r["train_flops_total"] == pytest.approx(3 * r["fwd_flops_per_example"] * r["examples_seen"])
+        assert r["best_metric"] == "valid/ndcg@10" and r["best_step"] in (r["steps"] // 2, r["steps"])
+        assert 0 < r["best_value"] <= 1 and r["valid_ndcg@10"] == pytest.approx(r["best_value"])
+        assert r["best_value"] == pytest.approx(report["best_value"])
+        assert 0 < r["test_ndcg@10"] <= r["test_hr@10"] <= 1 and 0 < r["test_mrr"] <= 1
+        assert r["test_value"] == r["test_ndcg@10"] == pytest.approx(report["test"]["ndcg@10"])
+        assert r["train_loss"] == pytest.approx(report["train"]["loss"]) and r["train_loss"] > 0
+        assert r["eval_logloss"] is None and r["step_time_median"] > 0 and r["n_devices"] == 1
+    assert rows["m"]["dense_params"] > rows["s"]["dense_params"]
+
+    assert main(["sweep", "run", str(SEQREC_SMOKE), "--out-dir", str(out)]) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().out
+    assert main(["sweep", "status", str(SEQREC_SMOKE), "--out-dir", str(out)]) == 0
+    assert "valid/ndcg@10" in capsys.readouterr().out
+
+
+def test_seqrec_budgets_replace_epochs_by_steps(tmp_path):
+    """A data or compute budget on an epoch-based (sequential) config sets train.steps and
+    turns train.epochs off; FLOPs per example come from the task (one sequence)."""
+    from recjax.tasks import get_task
+
+    spec = yaml.safe_load(SEQREC_SMOKE.read_text())
+    spec.update(base=str(SEQREC_SMOKE.parent / spec["base"]), out_dir=str(tmp_path / "out"),
+                grid={"preset": ["s"], "examples": [320]}, runs=[{"preset": "m", "flops": 1e9}])
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = expand(load_sweep(path))
+    assert [(r.config.train.steps, r.config.train.epochs) for r in runs[:1]] == [(10, 0)]  # 320 / 32
+    fwd = get_task(runs[1].config).forward_flops_per_example()
+    assert runs[1].config.train.steps == round(1e9 / (3 * fwd * 32)) and runs[1].config.train.epochs == 0
+    assert runs[0].run_id.startswith("s-") and [r.run_id for r in expand(load_sweep(path))] == [r.run_id for r in runs]
+    row = runner.base_row(load_sweep(path), runs[0])
+    assert row["task"] == "seqrec" and row["steps"] == 10 and row["examples_seen"] == 320
+
+    spec["runs"] = [{"preset": "m", "examples": 320, "train.epochs": 3}]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="sets 'train.epochs' and a budget"):
+        load_sweep(path)
+    unbudgeted = expand(load_sweep(SEQREC_SMOKE, str(tmp_path / "o2")))[0]
+    assert runner.base_row(load_sweep(SEQREC_SMOKE), unbudgeted)["steps"] is None  # epochs: known after the run

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optax import sigmoid_binary_cross_entropy as optax_bce
 
 from recjax.config import CONFIG_DIR, load_config
 from recjax.kernels import moe as moe_kernels
@@ -172,13 +173,46 @@ def test_ablation_switches(name):
     elif name in ("shared_swiglu", "standard_moe"):
         key = "tok_gate" if name == "shared_swiglu" else "expert_gate"
         assert len(shapes[key]) == len(ref[key]) - 1  # no token axis
-    elif name == "no_aux_loss":
-        assert "aux_head_loss" not in aux and not hasattr(model, "aux_head")
+    elif name == "no_aux_loss":  # no auxiliary head, so nothing for the task to score
+        assert "aux_logits" not in aux and "aux_logits_weight" not in aux and not hasattr(model, "aux_head")
+        assert "aux_logits" in jit_forward(build(base, fs))(batch)[1]
     elif name == "no_global_token":
         assert len(model.tokenizer.global_w) == 0
     else:  # same parameters, different function
         assert shapes == ref
         assert not np.allclose(logits, jit_forward(build(base, fs))(batch)[0])
+
+
+def test_ctr_task_adds_the_weighted_aux_head_bce_to_the_loss():
+    """The model returns the auxiliary head's logits and weight; the ctr task scores them with
+    the same BCE: total = BCE(logits) + w BCE(aux_logits) + aux_loss (here with MoE balance)."""
+    from recjax.tasks.ctr import CTRTask
+
+    fs = features()
+    cfg = make_cfg({**TM_SMALL, "aux_loss_weight": 0.3, "moe_experts": 4, "moe_top_k": 1,
+                    "moe_load_balance_weight": 0.5})
+    graphdef, params = nnx.split(build(cfg, fs))
+    batch = make_batch(fs, 16)
+    task = CTRTask(cfg)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        return model(batch, train=True), task.loss(model, batch, jax.random.key(0))
+
+    (logits, aux), (total, metrics) = run(params)
+    bce = lambda z: float(np.mean(np.asarray(optax_bce(z, batch["label"]))))
+    assert float(aux["aux_logits_weight"]) == pytest.approx(0.3)
+    head = bce(aux["aux_logits"])
+    assert float(metrics["loss"]) == pytest.approx(bce(logits), rel=1e-6)
+    assert float(metrics["aux_head_loss"]) == pytest.approx(head, rel=1e-6)
+    assert float(aux["aux_loss"]) == pytest.approx(0.5 * float(aux["moe_load_balance_loss"]))
+    assert float(aux["aux_loss"]) > 0
+    expected = bce(logits) + 0.3 * head + float(aux["aux_loss"])
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert float(metrics["total_loss"]) == pytest.approx(expected, rel=1e-6)
+    assert "aux_logits" not in metrics and "aux_logits_weight" not in metrics  # not logged as metrics
+    assert metrics["moe_expert_fraction/0"].shape == ()  # [E] diagnostics logged per entry
 
 
 def test_inter_layer_residual_adds_the_output_k_layers_back():
@@ -283,7 +317,7 @@ def test_spmoe_preset_active_and_total():
 def _train_code(run_dir: pathlib.Path, overrides: list[str]) -> str:
     return f"""
 from recjax.config import load_config
-from recjax.train.loop import train
+from recjax.train.trainer import train
 cfg = load_config("configs/models/tokenmixer_large_tiny.yaml", {tiny(*overrides) + [f"run_dir={run_dir}"]!r})
 train(cfg)
 """

@@ -1,5 +1,5 @@
-"""End-to-end trainer tests: logs/checkpoints, multi-device equivalence, kill-and-resume,
-NaN stop, checkpoint mismatch, AOT compile, bad data rows."""
+"""End-to-end trainer tests (the CTR task): logs/checkpoints, multi-device equivalence,
+kill-and-resume, NaN stop, changed config / checkpoint mismatch, AOT compile, bad data rows."""
 
 from __future__ import annotations
 
@@ -58,18 +58,26 @@ def _losses_code(run_dir: pathlib.Path, overrides: list[str]) -> str:
     return f"""
 import json
 from recjax.config import load_config
-from recjax.train.loop import train
+from recjax.train.trainer import train
 cfg = load_config(None, {tiny(*overrides) + [f"run_dir={run_dir}"]!r})
 train(cfg)
 """
 
 
 def test_eight_devices_match_one_device_and_checkpoints_move_between_meshes(tmp_path: pathlib.Path):
+    # rows padded to a multiple of the 8 row shards: 500 ids -> 504 rows, 100 users -> 104
     common = ["train.steps=20", "train.eval_every=0", "train.checkpoint_every=10",
-              "embedding.placement=row_sharded", "train.async_checkpoint=false"]
+              "embedding.placement=row_sharded", "embedding.pad_rows_to=8", "train.async_checkpoint=false"]
     run_python(_losses_code(tmp_path / "one", common + ["mesh.data=1"]), devices=1)
     out = run_python(_losses_code(tmp_path / "eight", common + ["mesh.data=4", "mesh.fsdp=2"]), devices=8)
     assert "'data': 4, 'fsdp': 2" in out
+    # the placement plan names every row-sharded table
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if " rows x 16 over " in line}
+    assert sorted(lines) == [f"embedding.tables.{t}" for t in ("C1", "C2", "C3", "C4", "user")], out
+    assert "504 rows x 16 over data" in lines["embedding.tables.C1"] and "fsdp (8 shards of 63 rows)" in lines[
+        "embedding.tables.C1"]
+    assert "104 rows x 16 over data" in lines["embedding.tables.user"] and "fsdp (8 shards of 13 rows)" in lines[
+        "embedding.tables.user"]
     one, eight = read_losses(tmp_path / "one"), read_losses(tmp_path / "eight")
     assert sorted(one) == list(range(1, 21)) == sorted(eight)
     diffs = [abs(one[s] - eight[s]) for s in one]
@@ -78,12 +86,21 @@ def test_eight_devices_match_one_device_and_checkpoints_move_between_meshes(tmp_
     # the table really is row-sharded over all 8 devices
     code = """
 from recjax.config import load_config
+from recjax.errors import ConfigError
 from recjax.train.state import build_setup
 cfg = load_config(None, ["mesh.data=4", "mesh.fsdp=2", "data.synthetic.vocab_sizes=[512]"])
 s = build_setup(cfg)
 print(s.state_shardings["params"]["embedding"]["tables"]["C1"].spec)
+try:  # 500 rows do not divide over 8 shards: refused, never silently replicated
+    build_setup(load_config(None, ["mesh.data=4", "mesh.fsdp=2", "data.synthetic.vocab_sizes=[500]",
+                                   "data.synthetic.num_users=96", "embedding.placement=row_sharded"]))
+except ConfigError as e:
+    print("refused:", e)
 """
-    assert "('data', 'fsdp')" in run_python(code, devices=8)
+    out = run_python(code, devices=8)
+    assert "('data', 'fsdp')" in out
+    assert "refused: embedding.tables.C1: 500 rows do not divide over the 8 shards" in out, out
+    assert "embedding.pad_rows_to=8" in out
     # the step-10 checkpoint of the 8-device run resumes on 1 device and continues like it
     moved = tmp_path / "moved" / "checkpoints"
     shutil.copytree(tmp_path / "eight" / "checkpoints" / "10", moved / "10")
@@ -151,21 +168,32 @@ def test_eval_command_and_checkpoint_mismatch_names_the_parameter(tmp_path: path
     run_cli(["train", *tiny("train.steps=2", "train.eval_every=0"), f"run_dir={run_dir}"])
     evaluated = run_cli(["eval", *tiny("train.steps=2"), f"run_dir={run_dir}"]).stdout
     assert "eval @ 2: logloss" in evaluated and '"auc"' in evaluated
-    proc = run_cli(["train", *tiny("train.steps=4", "train.eval_every=0", "model.top_mlp=[32, 16]"),
-                    f"run_dir={run_dir}"], check=False)
+    changed = ["train", *tiny("train.steps=4", "train.eval_every=0", "model.top_mlp=[32, 16]"), f"run_dir={run_dir}"]
+    # resuming with a changed model key is refused before anything is touched ...
+    proc = run_cli(changed, check=False)
+    assert proc.returncode == 1
+    assert "model.top_mlp" in proc.stderr and "--accept-config-changes" in proc.stderr, proc.stderr
+    assert checkpoint_steps(run_dir) == [2]
+    # ... and with the change accepted, the checkpoint itself names the mismatching parameter
+    proc = run_cli([*changed, "--accept-config-changes"], check=False)
     assert proc.returncode != 0
     assert "does not match the model" in proc.stderr and "top" in proc.stderr, proc.stderr
 
 
 def test_compile_reports_memory_and_enforces_limit(tmp_path: pathlib.Path):
     out_json = tmp_path / "c.json"
-    proc = run_cli(["compile", "--devices", "8", *tiny("mesh.data=4", "mesh.fsdp=2"), "--json", str(out_json)])
+    # 8 row shards: the 500-id tables and 100 users are padded to 504 and 104 rows
+    pad = "embedding.pad_rows_to=8"
+    proc = run_cli(["compile", "--devices", "8", *tiny("mesh.data=4", "mesh.fsdp=2", pad), "--json", str(out_json)])
     assert "per-device memory" in proc.stdout
     report = json.loads(out_json.read_text())
     assert report["n_devices"] == 8 and report["memory_per_device"]["total"] > 0
     assert report["xla_flops_per_device"] > 0
-    proc = run_cli(["compile", "--devices", "8", *tiny(), "--max-device-memory-gb", "1e-9"], check=False)
+    proc = run_cli(["compile", "--devices", "8", *tiny(pad), "--max-device-memory-gb", "1e-9"], check=False)
     assert proc.returncode == 1 and "exceeds" in proc.stderr
+    # unpadded rows that do not divide over the shards are a config error, not a replicated table
+    proc = run_cli(["compile", "--devices", "8", *tiny()], check=False)
+    assert proc.returncode == 2 and "500 rows do not divide" in proc.stderr and pad in proc.stderr, proc.stderr
     params = run_cli(["params", "--config", "configs/models/dcnv2.yaml", *tiny()]).stdout
     counts = {line.split(":")[0].strip(): float(line.split(":")[1].replace(",", "")) for line in params.splitlines()}
     assert counts["params_embedding"] == 4 * 500 * 16 + 100 * 16  # 4 features of 500 ids + 100 users, dim 16
@@ -193,12 +221,12 @@ def test_failed_checkpoint_save_fails_the_run(tmp_path: pathlib.Path):
     code = f"""
 from recjax.config import load_config
 from recjax.train import checkpoint
-from recjax.train.loop import train
+from recjax.train.trainer import train
 
 def broken_save(self, directory, args):
     raise OSError("disk full (simulated)")
 
-checkpoint.DataStateHandler.save = broken_save
+checkpoint.LoopStateHandler.save = broken_save
 cfg = load_config(None, {tiny("train.steps=4", "train.checkpoint_every=2", "train.eval_every=0")
                          + [f"run_dir={tmp_path / 'fail'}"]!r})
 try:

@@ -2,9 +2,9 @@
 
 For each config (a model preset, layered over ``configs/base.yaml``; trailing overrides
 apply to all) on the current devices: the AOT-compiled train step runs ``--warmup`` times,
-then ``--steps`` times, each timed with a device sync, on one fixed batch of the configured
-stream (so the input pipeline is excluded). Reported per preset: median step time (compile
-excluded), examples/s, model TFLOP/s per device with the analytic training FLOPs
+then ``--steps`` times, each timed with a device sync, on one fixed batch (the first of the
+task's train stream, so the input pipeline is excluded). Reported per preset: median step
+time (compile excluded), examples/s, model TFLOP/s per device with the analytic training FLOPs
 (``3 x`` forward matmul FLOPs per example, :mod:`recjax.train.flops`) and MFU against the
 dense bf16 peak of the device kind. Devices without a known peak (CPU) get MFU ``n/a``
 unless ``--peak-tflops`` states the peak to assume (then recorded as assumed).
@@ -48,23 +48,20 @@ def bench_preset(path: str, overrides: list[str], steps: int, warmup: int,
     import jax
 
     from recjax.config import load_config
-    from recjax.data import pipeline
-    from recjax.data.spec import DEVICE_KEYS
     from recjax.train import flops as flops_lib
-    from recjax.train.loop import global_batch
     from recjax.train.state import build_setup, describe_model
-    from recjax.train.step import abstract_batch, make_train_step
+    from recjax.train.step import make_train_step
 
     cfg = load_config(path, overrides)
     setup = build_setup(cfg)
     info = describe_model(setup)
     state = setup.init_state()
     t0 = time.perf_counter()
-    step = make_train_step(setup).lower(setup.abstract_state, abstract_batch(setup)).compile()
+    step = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch()).compile()
     compile_s = time.perf_counter() - t0
-    it = pipeline.make_iterator(cfg.data, "train", process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    batch = global_batch(setup, next(it), DEVICE_KEYS)
+    # the first batch of the task's train stream, assembled as the trainer does
+    local = next(setup.task.train_iterator(jax.process_index(), jax.process_count()))
+    batch = setup.global_batch({k: local[k] for k in setup.task.abstract_batch()})
     for _ in range(max(warmup, 1)):
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))

@@ -167,8 +167,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> None:
-
-
     sizes = {"--lengths": min(args.lengths), "--batch": args.batch, "--num-items": args.num_items,
              "--hidden": args.hidden, "--layers": args.layers, "--heads": args.heads,
              "--inner": args.inner, "--iters": args.iters, "--fit-last": args.fit_last}
@@ -249,14 +247,21 @@ def _train_step(spec: dict[str, Any], cache: dict) -> tuple[Any, tuple[Any, Any]
     import jax.numpy as jnp
     from flax import nnx
 
-    from recjax.train.seqrec_loop import init_params, sequence_loss
+    from recjax.models.seqrec import SequenceInfo
+    from recjax.tasks import get_task
+    from recjax.tasks.seqrec import sequence_loss
+    from recjax.train.state import abstract_model
 
     b, s, n_items = spec["batch"], spec["max_len"], spec["num_items"]
     cfg = row_config(spec)
-    graphdef, abstract, init = init_params(cfg, n_items)
-    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), abstract)
+    # the trainer's task and model build, over a catalogue of the row's size (no data loaded)
+    task = get_task(cfg)
+    task.data_info = SequenceInfo(n_items, s)
+    graphdef, abstract = nnx.split(abstract_model(cfg, task))
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), nnx.to_pure_dict(abstract))
     key = (spec["seed"], json.dumps(shapes, sort_keys=True))
     if key not in cache:  # initialising costs a compile; types with the same shapes share it
+        init = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(task.build_model(nnx.Rngs(params=k)))))
         cache[key] = init(jax.random.key(spec["seed"]))
     params = cache[key]
 

@@ -326,4 +326,38 @@ def forward_flops(cfg: Config, info: Any) -> float:
     return forward_flops_per_sequence(cfg.model, info.num_items, info.max_len)  # type: ignore[arg-type]
 
 
-register("seqrec", SeqRecConfig, build, forward_flops, task="seqrec")
+def activation_bytes(cfg: Config, info: Any) -> float:
+    """Bytes kept for the backward pass per training sequence of the sequential backbone
+    (``recjax.models.seqrec``; no rematerialisation), ``w`` bytes per compute-dtype value:
+
+    - input: the gathered fp32 item rows and the dropped-out sum, ``S d (4 + w)``;
+    - per layer: both norms' outputs, q, k, v, the attention output and its projection, the
+      residual, the FFN output ``(9 S d) w``, the FFN's hidden before and after GELU
+      ``(2 S F) w``; softmax attention keeps the fp32 scores and probabilities and the dropped
+      probabilities ``H S^2 (8 + w)``, linear attention its chunk products ``2 H S c 4``
+      (``c = min(64, S)``, causal) or per-head states ``H d_h^2 4``;
+    - output: the final norm ``2 S d w``; the full softmax over ``R`` table rows keeps the fp32
+      logits and their softmax, ``2 P R 4``, the sampled loss ``2 P n 4`` over ``n`` negatives
+      (``P``: scored positions, 1 for prefix rows, else ``S``).
+    """
+    m, s = cfg.model, info.max_len
+    d, f, h = m.hidden, m.inner, m.num_heads  # type: ignore[attr-defined]
+    name = getattr(m, "compute_dtype", "") or cfg.train.compute_dtype
+    w = 2 if name == "bfloat16" else 4
+    if m.attention == "softmax":  # type: ignore[attr-defined]
+        attn = h * s * s * (8 + w)
+    elif m.causal:  # type: ignore[attr-defined]
+        attn = 2 * h * s * min(64, s) * 4
+    else:
+        attn = h * (d // h) ** 2 * 4
+    per_layer = (9 * s * d + 2 * s * f) * w + attn
+    last_only = m.objective == "next_item" and cfg.data.sequences.train_rows == "prefixes"  # type: ignore[attr-defined]
+    p = 1 if last_only else s
+    if m.loss == "full":  # type: ignore[attr-defined]
+        out = 2 * p * padded_rows(info.num_items + 2, cfg.embedding.pad_rows_to) * 4
+    else:
+        out = 2 * p * m.num_sampled * 4  # type: ignore[attr-defined]
+    return float(s * d * (4 + w) + m.num_layers * per_layer + 2 * s * d * w + out)  # type: ignore[attr-defined]
+
+
+register("seqrec", SeqRecConfig, build, forward_flops, task="seqrec", activation_bytes=activation_bytes)

@@ -6,10 +6,15 @@ joins the job through :func:`recjax.parallel.distributed.initialize`:
 - ``local``: N processes on this machine with M virtual CPU devices each; the launcher sets
   ``RECJAX_COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID``, prefixes every output line with
   ``[pI]``, and when a process fails stops the others (SIGTERM, then SIGKILL after
-  ``--grace-s``) and exits with that process's status.
+  ``--grace-s``) and exits with that process's status. A SIGTERM to the launcher is passed on
+  to every process, which saves a checkpoint and exits with
+  :data:`~recjax.train.preemption.PREEMPTED_EXIT_CODE` (SIGKILL after ``--term-grace-s``); the
+  launcher then exits with that code too.
 - ``slurm``: an sbatch script; ``srun`` starts the processes and JAX reads the SLURM variables.
   ``--kill-on-bad-exit=1`` ends the step when one task fails, ``--wait`` bounds how long the
-  others may outlive the first to exit.
+  others may outlive the first to exit. SLURM sends every task SIGTERM ``--signal-s`` seconds
+  before the time limit; the tasks save and exit with the preemption code, and the script
+  requeues the job, which resumes.
 - ``k8s``: a JobSet (or an indexed Job plus its headless Service); the coordinator is pod 0's
   stable DNS name and each pod's process id is its completion index.
 - ``tpu``: one ``gcloud compute tpus tpu-vm ssh --worker=all`` command; JAX finds the TPU
@@ -30,16 +35,18 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from recjax.errors import LaunchError
+from recjax.train.preemption import PREEMPTED_EXIT_CODE
 
 DEFAULT_PORT = 8476  # coordinator port on clusters (any free port agreed by all processes)
-
-
+DEFAULT_TERM_GRACE_S = 60.0  # launch local: time to save after a SIGTERM (or a preempted process)
+DEFAULT_SIGNAL_S = 120  # SLURM: SIGTERM this many seconds before the time limit
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -55,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     p.add_argument("--grace-s", type=float, default=5.0,
                    help="after a failure, seconds between SIGTERM and SIGKILL of the others")
+    p.add_argument("--term-grace-s", type=float, default=DEFAULT_TERM_GRACE_S,
+                   help="after a SIGTERM to the launcher (or a process that exits preempted, "
+                        f"status {PREEMPTED_EXIT_CODE}): seconds the processes get to save a "
+                        f"checkpoint and exit before SIGKILL (default {DEFAULT_TERM_GRACE_S:g})")
     _common(p, generator=False)
 
     p = sub.add_parser("slurm", help="write / print / submit an sbatch script")
@@ -64,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="processes per node (default: one per GPU, or 1 without GPUs)")
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default="01:00:00", help="wall-clock limit, HH:MM:SS")
+    p.add_argument("--signal-s", type=int, default=DEFAULT_SIGNAL_S,
+                   help="SIGTERM every task this many seconds before the time limit, so it saves "
+                        f"a checkpoint and the job is requeued (default {DEFAULT_SIGNAL_S}; "
+                        "0: no early signal)")
     p.add_argument("--job-name", default="recjax")
     p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--setup", action="append", default=[],
@@ -110,12 +125,13 @@ def run(args: argparse.Namespace) -> int:
         env = parse_env(args.env)
         if args.launch_target == "local":
             return run_local(command, args.num_processes, args.devices_per_process, port=args.port,
-                             grace_s=args.grace_s, env=env)
+                             grace_s=args.grace_s, term_grace_s=args.term_grace_s, env=env)
         if args.launch_target == "slurm":
             text = sbatch_script(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                  procs_per_node=args.procs_per_node, partition=args.partition,
                                  time_limit=args.time, job_name=args.job_name,
-                                 cpus_per_task=args.cpus_per_task, setup=args.setup, env=env)
+                                 cpus_per_task=args.cpus_per_task, setup=args.setup, env=env,
+                                 signal_s=args.signal_s)
             submit = ["sbatch", *([args.output] if args.output else [])]  # no file: reads stdin
         elif args.launch_target == "k8s":
             text = k8s_manifest(command, num_processes=args.num_processes, image=args.image,
@@ -202,11 +218,17 @@ def _status(code: int) -> str:
 
 
 def run_local(command: Sequence[str], num_processes: int, devices_per_process: int, *,
-              port: int | None = None, grace_s: float = 5.0, env: Mapping[str, str] | None = None,
+              port: int | None = None, grace_s: float = 5.0,
+              term_grace_s: float = DEFAULT_TERM_GRACE_S, env: Mapping[str, str] | None = None,
               poll_s: float = 0.05) -> int:
     """Run ``command`` as ``num_processes`` local processes; 0 when all succeed, else the
     first failure's status (128 + signal number for a killed process; 130/143 when the
     launcher itself is interrupted or terminated, which also stops every process).
+
+    Preemption: a SIGTERM to the launcher is forwarded to every process; they get
+    ``term_grace_s`` (not ``grace_s``) to save and exit, and when all of them exit with
+    :data:`PREEMPTED_EXIT_CODE` the launcher returns that code. A process that exits with
+    that code by itself (it was sent SIGTERM directly) gives the others ``term_grace_s`` too.
 
     A leading ``recjax`` runs as ``python -m recjax.cli`` with this interpreter.
     """
@@ -219,6 +241,7 @@ def run_local(command: Sequence[str], num_processes: int, devices_per_process: i
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
+    grace = grace_s
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for i in range(num_processes):
@@ -239,19 +262,33 @@ def run_local(command: Sequence[str], num_processes: int, devices_per_process: i
             time.sleep(poll_s)
             failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.poll()), None)
         failed = failed or next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
-        if failed is not None:
+        if failed is not None and failed[1] == PREEMPTED_EXIT_CODE:
+            grace = term_grace_s
+            _say(lock, f"launch: process {failed[0]} was preempted (status {PREEMPTED_EXIT_CODE}); "
+                       f"giving the others {term_grace_s:g} s to save and exit")
+        elif failed is not None:
             _say(lock, f"launch: process {failed[0]} {_status(failed[1])}; stopping the others")
     except KeyboardInterrupt as e:
-        _say(lock, "launch: interrupted; stopping all processes")
-        failed = (-1, -(e.args[0] if e.args else signal.SIGINT))
+        signum = e.args[0] if e.args else signal.SIGINT
+        if signum == signal.SIGTERM:
+            grace = term_grace_s
+            _say(lock, f"launch: terminated; passing SIGTERM on to every process (they save a "
+                       f"checkpoint and exit with {PREEMPTED_EXIT_CODE}; SIGKILL after {term_grace_s:g} s)")
+        else:
+            _say(lock, "launch: interrupted; stopping all processes")
+        failed = (-1, -signum)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _stop(procs, grace_s)
+        _stop(procs, grace)
         for t in pumps:
             t.join(timeout=5)
     if failed is None:
         _say(lock, f"launch: all {num_processes} processes finished")
         return 0
+    if failed[0] == -1 and all(p.returncode == PREEMPTED_EXIT_CODE for p in procs):
+        _say(lock, f"launch: every process saved and exited with {PREEMPTED_EXIT_CODE} (preempted); "
+                   "run the same command again to resume")
+        return PREEMPTED_EXIT_CODE
     return 128 - failed[1] if failed[1] < 0 else failed[1]
 
 
@@ -294,14 +331,19 @@ def sbatch_script(command: Sequence[str], *, nodes: int, gpus_per_node: int = 0,
                   procs_per_node: int | None = None, partition: str | None = None,
                   time_limit: str = "01:00:00", job_name: str = "recjax",
                   cpus_per_task: int | None = None, setup: Sequence[str] = (),
-                  env: Mapping[str, str] | None = None) -> str:
+                  env: Mapping[str, str] | None = None, signal_s: int = DEFAULT_SIGNAL_S) -> str:
     """An sbatch script running ``command`` as ``nodes * procs_per_node`` SLURM tasks.
 
     One process per GPU (the default) lets JAX give each task GPU ``SLURM_LOCALID``; with one
     process per node holding several GPUs, ``RECJAX_LOCAL_DEVICE_IDS`` lists them all.
+    ``signal_s > 0`` asks SLURM to SIGTERM every task that long before the time limit; the
+    trainer saves and exits with :data:`PREEMPTED_EXIT_CODE`, and the script then requeues
+    the job (see the comments in the script).
     """
     if nodes < 1 or gpus_per_node < 0:
         raise LaunchError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    if not 0 <= signal_s <= 65535:  # SLURM's limit for sig_time
+        raise LaunchError(f"--signal-s must be in [0, 65535] seconds, got {signal_s}")
     ppn = procs_per_node or max(gpus_per_node, 1)
     if gpus_per_node and gpus_per_node % ppn:
         raise LaunchError(f"--gpus-per-node={gpus_per_node} is not divisible by --procs-per-node={ppn}")
@@ -320,8 +362,10 @@ def sbatch_script(command: Sequence[str], *, nodes: int, gpus_per_node: int = 0,
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
+    lines.append(f"#SBATCH --time={time_limit}")
+    if signal_s:
+        lines.append(f"#SBATCH --signal=TERM@{signal_s}")
     lines += [
-        f"#SBATCH --time={time_limit}",
         "#SBATCH --output=%x-%j.out",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
@@ -337,7 +381,25 @@ def sbatch_script(command: Sequence[str], *, nodes: int, gpus_per_node: int = 0,
         lines.append(f"export RECJAX_LOCAL_DEVICE_IDS={ids}  # one process drives all GPUs of its node")
     lines += [
         "# any failed task ends the step; the others may outlive the first exit by 60 s at most",
-        "srun --kill-on-bad-exit=1 --wait=60 " + shlex.join(command),
+        "status=0",
+        "srun --kill-on-bad-exit=1 --wait=60 " + shlex.join(command) + " || status=$?",
+    ]
+    when = (f"SLURM sends every task SIGTERM {signal_s} s before the time limit (--signal; it may "
+            "come up to 60 s early)" if signal_s else
+            "a task got SIGTERM (no early signal was asked for; `scancel --signal=TERM JOBID` sends one)")
+    note = (f"Status {PREEMPTED_EXIT_CODE} (EX_TEMPFAIL) = preempted: {when}; recjax then saves a checkpoint "
+            f"in run_dir at the next step boundary and exits with {PREEMPTED_EXIT_CODE}, and srun returns the "
+            "highest task status. The job is then requeued: this script runs again and the same command "
+            "resumes from that checkpoint. Any other status is returned unchanged. A signal sent to the "
+            "tasks only leaves this shell alive to requeue; a plain scancel or the time limit itself also "
+            "stops this shell, and nothing is requeued.")
+    lines += ["# " + line for line in textwrap.wrap(note, 92)]
+    lines += [
+        f'if [ "$status" -eq {PREEMPTED_EXIT_CODE} ]; then',
+        '  echo "recjax: preempted; requeueing job $SLURM_JOB_ID to resume from the checkpoint" >&2',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
         "",
     ]
     return "\n".join(lines)

@@ -101,8 +101,9 @@ def tree_shardings(specs: Any, abstract: Any, mesh: Mesh, rules: Rules) -> Any:
                 where = jax.tree_util.keystr(path, simple=True, separator=".")
                 raise ConfigError(
                     f"{where}: {leaf.shape[dim]:,} rows do not divide over the {shards} shards of mesh "
-                    f"axes {'x'.join(axes)} (mesh.rules.table_rows); set embedding.pad_rows_to={shards} "
-                    "(or a multiple) to pad the rows, or give the table placement: replicated")
+                    f"axes {' x '.join(axes)} (mesh.rules.table_rows); set embedding.pad_rows_to={shards} "
+                    "(or a multiple) to pad the rows, or embedding.placement=replicated to keep a whole "
+                    "copy on every device")
         return NamedSharding(mesh, got)
 
     return jax.tree_util.tree_map_with_path(

@@ -2,17 +2,25 @@
 
 Columns (``COLUMNS``, in order; empty cell = unknown / not applicable):
 
-- identity: ``run_id, sweep, model, preset, config_hash, axes`` (``axes``: JSON of the values
-  the sweep set for this run), ``seed``;
+- identity: ``run_id, sweep, model, task`` (``ctr`` | ``seqrec``), ``preset, config_hash, axes``
+  (``axes``: JSON of the values the sweep set for this run), ``seed``;
 - size: ``d_model, layers, tokens, experts`` (from the model config when it has them),
   ``dense_params, active_params, embedding_params``;
-- compute: ``fwd_flops_per_example`` (analytic matmul FLOPs), ``train_flops_total``
-  (``3 x fwd x examples_seen``), ``flops_budget`` (the nominal budget of an IsoFLOP sweep),
-  ``examples_seen, global_batch, steps``;
+- compute: ``fwd_flops_per_example`` (analytic matmul FLOPs; an example of the seqrec task is
+  one sequence), ``train_flops_total`` (``3 x fwd x examples_seen``), ``flops_budget`` (the
+  nominal budget of an IsoFLOP sweep), ``examples_seen, global_batch, steps`` (the steps run:
+  fewer than configured when early stopping ended the run), ``epochs`` (passes over a finite
+  training set; empty for streams);
 - speed: ``device_kind, n_devices, peak_flops`` (per device, empty when unknown e.g. CPU),
   ``step_time_median`` (s, median over the run's logging windows), ``examples_per_s``,
   ``tflops_per_device``, ``mfu`` (fraction of ``peak_flops``);
-- quality: ``eval_logloss, eval_ne, eval_auc, bayes_logloss`` (synthetic data only);
+- quality: ``train_loss`` (the last logged training loss, every task);
+  CTR: ``eval_logloss, eval_ne, eval_auc`` (the evaluation at the final step),
+  ``bayes_logloss`` (synthetic data only);
+  ranking (seqrec): ``best_metric`` (``split/name``, e.g. ``valid/ndcg@10``), ``best_value``
+  and ``best_step`` (its best value and where), ``valid_hr@10, valid_ndcg@10, valid_mrr`` (the
+  validation of the parameters that were tested: the best ones), ``test_hr@10, test_ndcg@10,
+  test_mrr`` and ``test_value`` (the test split's value of ``best_metric``'s name);
 - bookkeeping: ``status`` (``ok`` | ``failed``), ``error``, ``wall_time_s``, ``run_dir``.
 
 Writers (sequential runs, local worker processes, cluster jobs on a shared file system) call
@@ -35,15 +43,19 @@ from typing import Any
 import numpy as np
 
 COLUMNS: dict[str, type] = {
-    "run_id": str, "sweep": str, "model": str, "preset": str, "config_hash": str, "axes": str,
-    "seed": int,
+    "run_id": str, "sweep": str, "model": str, "task": str, "preset": str, "config_hash": str,
+    "axes": str, "seed": int,
     "d_model": int, "layers": int, "tokens": int, "experts": int,
     "dense_params": int, "active_params": int, "embedding_params": int,
     "fwd_flops_per_example": float, "train_flops_total": float, "flops_budget": float,
-    "examples_seen": int, "global_batch": int, "steps": int,
+    "examples_seen": int, "global_batch": int, "steps": int, "epochs": float,
     "device_kind": str, "n_devices": int, "peak_flops": float,
     "step_time_median": float, "examples_per_s": float, "tflops_per_device": float, "mfu": float,
+    "train_loss": float,
     "eval_logloss": float, "eval_ne": float, "eval_auc": float, "bayes_logloss": float,
+    "best_metric": str, "best_value": float, "best_step": int,
+    "valid_hr@10": float, "valid_ndcg@10": float, "valid_mrr": float,
+    "test_hr@10": float, "test_ndcg@10": float, "test_mrr": float, "test_value": float,
     "status": str, "error": str, "wall_time_s": float, "run_dir": str,
 }
 

@@ -3,14 +3,20 @@
 Runs whose row in the table has ``status == ok`` are skipped; failed and missing ones run
 again (an interrupted run resumes from its own checkpoints, as ``recjax train`` does).
 
-- ``procs == 1``: runs execute one after another in this process (``train(cfg)``), each
-  one's console output going to ``<run_dir>/train.log``.
+- ``procs == 1``: runs execute one after another in this process
+  (:func:`recjax.train.trainer.train`, the one trainer of every task), each one's console
+  output going to ``<run_dir>/train.log``.
 - ``procs > 1``: up to ``procs`` worker processes at a time, each
   ``python -m recjax.cli sweep run SPEC --only RUN_ID`` (output in ``<run_dir>/worker.log``).
   A worker writes its own row; if it dies without one (killed, out of memory), the row
   is written here with the exit code and the log's last line.
 
-Whoever trains a run writes its row (process 0 only, in a multi-process job).
+Whoever trains a run writes its row (process 0 only, in a multi-process job): sizes and FLOPs
+from the trainer's report, step times from ``metrics.jsonl``, quality by task (CTR: the final
+evaluation's logloss / NE / AUC; seqrec: the best validation value and the test metrics of the
+best parameters; see :mod:`recjax.scaling.results`). A run stopped by a preemption notice
+(:class:`~recjax.train.trainer.Preempted`) writes no row and ends the sweep with the trainer's
+exit code, so the job can be requeued; the rerun resumes it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from recjax.scaling.sweep import Run, Sweep
 
 # (table column, candidate model-config attributes), first present wins
 SIZE_ATTRS = {
-    "d_model": ("d_model", "dim"),
+    "d_model": ("d_model", "dim", "hidden"),
     "layers": ("num_layers", "layers"),
     "tokens": ("num_tokens", "tokens"),
     "experts": ("moe_experts", "num_experts", "experts"),
@@ -44,14 +50,19 @@ def pending(runs: list[Run], rows: list[results.Row]) -> list[Run]:
 
 
 def base_row(sweep: Sweep, run: Run) -> results.Row:
-    """The columns known from the spec and config alone (no jax)."""
+    """The columns known from the spec and config alone (no jax). ``steps`` and
+    ``examples_seen`` are left empty for epoch-based runs (``train.epochs > 0``): their step
+    count depends on the data and on early stopping, and the trainer's report fills them in."""
+    from recjax.config import task_name
+
     cfg = run.config
+    steps = cfg.train.steps if cfg.train.epochs <= 0 else None
     row: results.Row = {
-        "run_id": run.run_id, "sweep": sweep.name, "model": cfg.model.name,
+        "run_id": run.run_id, "sweep": sweep.name, "model": cfg.model.name, "task": task_name(cfg),
         "preset": run.preset, "config_hash": run.config_hash,
         "axes": json.dumps(run.axes, sort_keys=True), "seed": cfg.seed,
         "flops_budget": run.flops_budget, "global_batch": cfg.data.global_batch,
-        "steps": cfg.train.steps, "examples_seen": cfg.train.steps * cfg.data.global_batch,
+        "steps": steps, "examples_seen": steps * cfg.data.global_batch if steps is not None else None,
         "run_dir": cfg.run_dir,
     }
     for col, attrs in SIZE_ATTRS.items():
@@ -59,51 +70,94 @@ def base_row(sweep: Sweep, run: Run) -> results.Row:
     return row
 
 
-def _read_metrics(run_dir: pathlib.Path, steps: int) -> tuple[list[float], dict[str, Any]]:
-    """Step times of every train logging window and the eval record at the final step."""
+def _step_times(run_dir: pathlib.Path) -> list[float]:
+    """Step times of every train logging window in ``metrics.jsonl``."""
     times: list[float] = []
-    final_eval: dict[str, Any] = {}
     with open(run_dir / "metrics.jsonl") as f:
         for line in f:
             rec = json.loads(line)
             if rec.get("split") == "train" and rec.get("step_time_s"):
                 times.append(float(rec["step_time_s"]))
-            elif rec.get("split") == "eval" and rec.get("step") == steps:
-                final_eval = rec
-    return times, final_eval
+    return times
 
 
-def result_row(sweep: Sweep, run: Run, info: dict[str, float], wall_s: float) -> results.Row:
-    """A finished run's row: sizes and FLOPs from ``info`` (``describe_model``), speed and
-    quality from its ``metrics.jsonl``, device from jax."""
+RANKING_COLUMNS = ("hr@10", "ndcg@10", "mrr")
+
+
+def quality_columns(report: dict[str, Any]) -> results.Row:
+    """The quality columns of a trainer report (:func:`recjax.train.trainer.train`).
+
+    CTR: the last evaluation (at the final step) of the ``eval`` split. Ranking: the best
+    validation value and step of ``train.best_metric``, the validation metrics of the tested
+    (best) parameters (``report["best_eval"]``) and the test split's metrics."""
+    out: results.Row = {"train_loss": (report.get("train") or {}).get("loss")}
+    last = (report.get("eval") or {}).get("eval")
+    if last is not None:
+        out.update(eval_logloss=last.get("logloss"), eval_ne=last.get("ne"), eval_auc=last.get("auc"),
+                   bayes_logloss=last.get("bayes_logloss"))
+    if report.get("best_metric"):
+        out.update(best_metric=report["best_metric"], best_value=report.get("best_value"),
+                   best_step=report.get("best_step"))
+    tested = report.get("best_eval") or report.get("eval") or {}
+    valid, test = tested.get("valid"), report.get("test")
+    if valid is not None:
+        out.update({f"valid_{k}": valid.get(k) for k in RANKING_COLUMNS})
+    if isinstance(test, dict):
+        out.update({f"test_{k}": test.get(k) for k in RANKING_COLUMNS})
+        name = (report.get("best_metric") or "").partition("/")[2]
+        out["test_value"] = test.get(name) if name else None
+    return out
+
+
+def result_row(sweep: Sweep, run: Run, report: dict[str, Any], wall_s: float) -> results.Row:
+    """A finished run's row from its trainer ``report``: sizes and FLOPs (``model_info``),
+    steps run, quality (:func:`quality_columns`); step times from its ``metrics.jsonl``;
+    device from jax."""
     import jax
 
     from recjax.train import flops as flops_lib
 
     cfg = run.config
+    info = report["model_info"]
     row = base_row(sweep, run)
-    times, ev = _read_metrics(pathlib.Path(cfg.run_dir), cfg.train.steps)
-    if not ev:
-        raise RuntimeError(f"{cfg.run_dir}/metrics.jsonl has no eval at step {cfg.train.steps}")
+    quality = quality_columns(report)
+    if report["task"] == "ctr" and quality.get("eval_logloss") is None:
+        raise RuntimeError(f"{cfg.run_dir}: the report has no final evaluation ('eval' split)")
+    if report["task"] == "seqrec" and not isinstance(report.get("test"), dict):
+        raise RuntimeError(f"{cfg.run_dir}: the report has no test metrics")
+    times = _step_times(pathlib.Path(cfg.run_dir))
+    steps = int(report["steps"])
     n_dev = jax.device_count()
     kind = jax.devices()[0].device_kind
     peak = flops_lib.peak_flops_per_device(kind)
     step_time = statistics.median(times) if times else None
     flops_step_dev = info["train_flops_per_example"] * cfg.data.global_batch / n_dev
     row.update(
+        steps=steps, examples_seen=steps * cfg.data.global_batch, epochs=report.get("epochs"),
         dense_params=int(info["params_dense"]),
         active_params=int(info.get("params_active", info["params_dense"])),
         embedding_params=int(info["params_embedding"]),
         fwd_flops_per_example=float(info["fwd_flops_per_example"]),
-        train_flops_total=float(info["train_flops_per_example"]) * row["examples_seen"],
+        train_flops_total=float(info["train_flops_per_example"]) * steps * cfg.data.global_batch,
         device_kind=kind, n_devices=n_dev, peak_flops=peak, step_time_median=step_time,
         examples_per_s=cfg.data.global_batch / step_time if step_time else None,
         tflops_per_device=flops_step_dev / step_time / 1e12 if step_time else None,
         mfu=flops_lib.mfu(flops_step_dev, step_time or 0.0, peak),
-        eval_logloss=ev.get("logloss"), eval_ne=ev.get("ne"), eval_auc=ev.get("auc"),
-        bayes_logloss=ev.get("bayes_logloss"), status="ok", wall_time_s=wall_s,
+        **quality, status="ok", wall_time_s=wall_s,
     )
     return row
+
+
+def quality_summary(row: results.Row) -> str | None:
+    """One short quality figure of a row for progress and status lines (None: no quality)."""
+    if row.get("eval_logloss") is not None:
+        return f"logloss {row['eval_logloss']:.5f}"
+    if row.get("best_value") is not None:
+        test = f", test {row['test_value']:.4f}" if row.get("test_value") is not None else ""
+        return f"{row['best_metric']} {row['best_value']:.4f} (step {row.get('best_step')}){test}"
+    if row.get("test_ndcg@10") is not None:
+        return f"test ndcg@10 {row['test_ndcg@10']:.4f}"
+    return None
 
 
 def failed_row(sweep: Sweep, run: Run, error: str, wall_s: float) -> results.Row:
@@ -111,10 +165,11 @@ def failed_row(sweep: Sweep, run: Run, error: str, wall_s: float) -> results.Row
 
 
 def execute(sweep: Sweep, run: Run) -> results.Row:
-    """Train ``run`` in this process and write its row (ok or failed)."""
+    """Train ``run`` in this process and write its row (ok or failed). A preemption notice
+    is not a failure: it propagates (no row; the rerun resumes the run)."""
     import jax
 
-    from recjax.train.loop import train
+    from recjax.train.trainer import Preempted, train
 
     run_dir = pathlib.Path(run.config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +177,10 @@ def execute(sweep: Sweep, run: Run) -> results.Row:
     with open(run_dir / "train.log", "a") as log:
         try:
             with contextlib.redirect_stdout(log):
-                out = train(run.config)
-            row = result_row(sweep, run, out["model"], time.perf_counter() - t0)
+                report = train(run.config)
+            row = result_row(sweep, run, report, time.perf_counter() - t0)
+        except Preempted:
+            raise
         except Exception as e:
             log.write(traceback.format_exc())
             error = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
@@ -150,8 +207,7 @@ class Progress:
         done = self.skipped + self.ok + self.failed
         left = self.total - done
         eta = statistics.mean(self.walls) * left / self.procs
-        detail = (f"logloss {row['eval_logloss']:.5f}" if row.get("eval_logloss") is not None
-                  else str(row.get("error", ""))[:80])
+        detail = quality_summary(row) or str(row.get("error") or "")[:80]
         self.print(
             f"[{done:>{len(str(self.total))}}/{self.total}] {row['status']:<6} {row['run_id']} "
             f"{detail} ({self.walls[-1]:.1f}s) | {self.ok} ok, {self.failed} failed, "

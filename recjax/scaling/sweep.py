@@ -20,7 +20,13 @@ Axis keys are dotted config keys, plus three special ones:
   replaces ``base`` for its runs, so existing model files can serve as presets;
 - ``examples``: data budget; ``train.steps = round(examples / data.global_batch)``;
 - ``flops``: training-compute budget ``C`` (IsoFLOP design);
-  ``train.steps = round(C / (3 * fwd_flops_per_example * data.global_batch))``.
+  ``train.steps = round(C / (3 * fwd_flops_per_example * data.global_batch))`` with the
+  task's analytic FLOPs (an example of the seqrec task is one training row, a sequence).
+
+A budget sets ``train.steps`` and turns epoch-based training off (``train.epochs = 0``; the
+sequential configs train for epochs by default). Without a budget an epoch-based run trains
+its ``train.epochs`` (an axis or preset may set them) and may stop early
+(``train.patience``); its results row then records the steps actually run.
 
 Per run the layers are: base -> ``overrides`` -> preset -> axis values -> command-line
 overrides. A key set both by a preset and by an axis, or by the command line and a
@@ -44,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from recjax.config import Config, config_from_dict, load_config
+from recjax.config import Config, load_config, model_entry
 from recjax.errors import ConfigError
 
 SPECIAL = ("preset", "examples", "flops")
@@ -116,8 +122,9 @@ def load_sweep(path: str | pathlib.Path, out_dir: str | None = None) -> Sweep:
             raise SpecError(f"{path}: unknown preset '{p['preset']}'; defined: {sorted(presets)}")
         if "examples" in p and "flops" in p:
             raise SpecError(f"{path}: a run sets both 'examples' and 'flops'; give one budget")
-        if ("examples" in p or "flops" in p) and "train.steps" in p:
-            raise SpecError(f"{path}: a run sets 'train.steps' and a budget; give one")
+        for key in ("train.steps", "train.epochs"):
+            if ("examples" in p or "flops" in p) and key in p:
+                raise SpecError(f"{path}: a run sets '{key}' and a budget; give one")
     base = raw.get("base")
     return Sweep(
         name=str(raw["name"]),
@@ -156,10 +163,18 @@ def _changed(d: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def default_config_dict(model: str) -> dict[str, Any]:
+    """The schema's defaults with ``model``'s own defaults, unvalidated (the defaults of a
+    sequential model are no valid config by themselves: ``data.source`` is a CTR one)."""
+    d = Config().to_dict()
+    d["model"] = dataclasses.asdict(model_entry(model).config_cls())
+    return d
+
+
 def config_hash(cfg: Config) -> str:
     """SHA-1 (10 hex digits) of the resolved values that differ from the schema's defaults,
     without ``NO_HASH``; a new config key added with its default leaves every id unchanged."""
-    d = _changed(cfg.to_dict(), config_from_dict({"model": {"name": cfg.model.name}}).to_dict())
+    d = _changed(cfg.to_dict(), default_config_dict(cfg.model.name))
     for key in NO_HASH:
         node = d
         *parents, last = key.split(".")
@@ -174,10 +189,9 @@ def _steps_for(cfg: Config, point: dict[str, Any]) -> int | None:
     if "examples" in point:
         return max(1, round(float(point["examples"]) / batch))
     if "flops" in point:
-        from recjax.data.spec import feature_spec
-        from recjax.models import registry
+        from recjax.tasks import get_task
 
-        fwd = registry.forward_flops_per_example(cfg, feature_spec(cfg.data))
+        fwd = get_task(cfg).forward_flops_per_example()
         return max(1, round(float(point["flops"]) / (3.0 * fwd * batch)))
     return None
 
@@ -198,7 +212,7 @@ def expand(sweep: Sweep, cli_overrides: list[str] | None = None) -> list[Run]:
             raise SpecError(f"{sweep.path}: preset '{preset}' and an axis both set {sorted(clash)}")
         swept = set(preset_keys) | set(axis_keys)
         if {"examples", "flops"} & set(point):
-            swept.add("train.steps")
+            swept |= {"train.steps", "train.epochs"}
         clash = set(cli) & swept
         if clash:
             raise SpecError(f"command-line override(s) {sorted(clash)} would change swept keys")
@@ -210,7 +224,7 @@ def expand(sweep: Sweep, cli_overrides: list[str] | None = None) -> list[Run]:
             raise SpecError(f"{sweep.path}: run {point}: {e}") from None
         steps = _steps_for(cfg, point)
         if steps is not None:
-            cfg.train.steps = steps
+            cfg.train.steps, cfg.train.epochs = steps, 0
         digest = config_hash(cfg)
         run_id = f"{preset or cfg.model.name}-{digest}"
         cfg.name = f"{sweep.name}/{run_id}"

@@ -93,6 +93,8 @@ def _emit(sweep: Any, runs: list[Any], target: str, args: argparse.Namespace) ->
 
 
 def _status(sweep: Any, runs: list[Any], rows: list[dict[str, Any]]) -> int:
+    from recjax.scaling import runner
+
     by_id = {r["run_id"]: r for r in rows}
     counts: dict[str, int] = {}
     print(f"sweep {sweep.name}: table {sweep.table}")
@@ -106,8 +108,9 @@ def _status(sweep: Any, runs: list[Any], rows: list[dict[str, Any]]) -> int:
             state = "pending"
         counts[state] = counts.get(state, 0) + 1
         detail = ""
-        if row is not None and row.get("eval_logloss") is not None:
-            detail = f"logloss {row['eval_logloss']:.5f} in {row.get('wall_time_s') or 0:.0f}s"
+        quality = runner.quality_summary(row) if row is not None else None
+        if quality is not None:
+            detail = f"{quality} in {row.get('wall_time_s') or 0:.0f}s"
         elif row is not None:
             detail = str(row.get("error") or "")[:100]
         print(f"  {r.run_id:<24} {state:<8} {json.dumps(r.axes, sort_keys=True):<50} {detail}")

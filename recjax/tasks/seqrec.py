@@ -99,8 +99,14 @@ class SeqRecTask(Task):
             raise ConfigError(f"data.source: the seqrec task reads per-user sequences; set "
                               f"data.source=sequences (got {cfg.data.source!r})")
         r, t = cfg.ranking, cfg.train
-        if r.batch <= 0:
-            raise ConfigError(f"ranking.batch must be positive, got {r.batch}")
+        positive = {"ranking.batch": r.batch, "data.sequences.max_len": cfg.data.sequences.max_len}
+        if r.protocol == "sampled":
+            positive["ranking.num_negatives"] = r.num_negatives
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if not r.ks or min(r.ks) <= 0:
+            raise ConfigError(f"ranking.ks must be positive cut-offs, e.g. [5, 10, 20]; got {r.ks}")
         names = [f"{m}@{k}" for k in r.ks for m in ("hr", "ndcg")] + ["mrr"]
         if t.best_metric:
             split, _, metric = t.best_metric.partition("/")

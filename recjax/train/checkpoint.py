@@ -31,6 +31,8 @@ from etils import epath
 from recjax.config import Config
 from recjax.errors import CheckpointMismatchError
 
+PER_PROCESS = ("clock",)  # loop-state entries each process measures for itself
+
 
 class LoopStateHandler(ocp.CheckpointHandler):
     """Per-process JSON of the trainer's loop state (no grain dependency)."""
@@ -42,12 +44,14 @@ class LoopStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: LoopStateRestore | None = None) -> dict[str, Any]:
         """This process's own state; after a change of process count, the state every saving
         process agreed on (the iterators' states are global stream positions, see
-        :mod:`recjax.data.pipeline`; the hooks' states are the same on every process)."""
+        :mod:`recjax.data.pipeline`; the hooks' states are the same on every process) with
+        process 0's :data:`PER_PROCESS` entries (its own timings)."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if (directory / name).exists():
             return json.loads((directory / name).read_text())
         saved = {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("process_*-of-*.json"))}
-        distinct = {json.dumps(v, sort_keys=True) for v in saved.values()}
+        shared = lambda state: {k: v for k, v in state.items() if k not in PER_PROCESS}
+        distinct = {json.dumps(shared(v), sort_keys=True) for v in saved.values()}
         if len(distinct) != 1:
             raise CheckpointMismatchError(
                 f"cannot restore the loop state in {directory} onto "
@@ -55,7 +59,8 @@ class LoopStateHandler(ocp.CheckpointHandler):
                 + ("no state was saved" if not saved else f"the saving processes disagree ({saved})")
                 + ". Resume with the process count that wrote it, or set train.resume=false."
             )
-        return json.loads(distinct.pop())
+        first = saved[f"process_0-of-{len(saved)}.json"] if f"process_0-of-{len(saved)}.json" in saved else {}
+        return {**json.loads(distinct.pop()), **{k: first[k] for k in PER_PROCESS if k in first}}
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -90,12 +95,14 @@ def _describe(tree: Any) -> dict[str, tuple[int, ...]]:
 def check_compatible(saved: Any, expected: Any, where: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming the first parameters that differ."""
     got, want = _describe(saved), _describe(expected)
-    problems = []
-    for k in sorted(want.keys() - got.keys()):
+    problems: list[str] = []
+    # parameters first: the optimizer state mirrors them and would crowd them out of the message
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params."), k))
+    for k in order(want.keys() - got.keys()):
         problems.append(f"{k}: in the model {want[k]} but missing from the checkpoint")
-    for k in sorted(got.keys() - want.keys()):
+    for k in order(got.keys() - want.keys()):
         problems.append(f"{k}: in the checkpoint {got[k]} but not in the model")
-    for k in sorted(want.keys() & got.keys()):
+    for k in order(want.keys() & got.keys()):
         if got[k] != want[k]:
             problems.append(f"{k}: checkpoint shape {got[k]} != model shape {want[k]}")
     if problems:

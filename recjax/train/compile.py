@@ -13,6 +13,12 @@ per-example estimate for its remat policy times the per-device batch), the layer
 gathered in the compute dtype (every layer's when nothing is rematerialised -- XLA keeps
 each scanned layer's gathered weights as a backward residual -- one layer's under
 ``remat: full``), and one layer's unsharded fp32 gradient before its reduce-scatter.
+A model entry without an activation estimate counts none.
+
+The report also places every embedding table (rows, the mesh axes its rows are split over,
+shard count, bytes per device: :func:`table_placement`) and splits the per-device train state
+into parameters and optimizer state (:func:`state_memory`); ``recjax params --devices N``
+prints the same placement and state figures without compiling.
 """
 
 from __future__ import annotations
@@ -32,9 +38,14 @@ from recjax.train.state import TrainSetup, build_setup, describe_model
 from recjax.train.step import make_train_step
 
 
+def placement_setup(cfg: Config) -> TrainSetup:
+    """The setup ``recjax compile`` / ``recjax params`` describe: the schedule's length does
+    not change the compiled step, so no epoch's rows are read to count the steps."""
+    return build_setup(cfg, total_steps=max(cfg.train.steps, 1))
+
+
 def compile_report(cfg: Config) -> dict[str, Any]:
-    # the schedule's length does not change the compiled step: no need to read an epoch's rows
-    setup = build_setup(cfg, total_steps=max(cfg.train.steps, 1))
+    setup = placement_setup(cfg)
     info = describe_model(setup)
     t0 = time.perf_counter()
     lowered = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch())
@@ -51,6 +62,8 @@ def compile_report(cfg: Config) -> dict[str, Any]:
         "device_kind": jax.devices()[0].device_kind,
         "global_batch": cfg.data.global_batch,
         **info,
+        "tables": table_placement(setup),
+        "state_per_device": state_memory(setup),
         "memory_per_device": mem,
         "analytic_memory_per_device": estimate,
         "xla_over_analytic_memory": mem.get("total", float("nan")) / estimate["total"],
@@ -71,13 +84,67 @@ def _shard_bytes(tree: Any) -> int:
     ))
 
 
+def _full_bytes(tree: Any) -> int:
+    return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+
+
+def state_memory(setup: TrainSetup) -> dict[str, int]:
+    """Bytes of the train state per device (from its shardings) and in all (unsharded)."""
+    a = setup.abstract_state
+    params, opt = _shard_bytes(a["params"]), _shard_bytes(a["opt_state"])
+    return {"params": params, "opt_state": opt, "total": _shard_bytes(a),
+            "unsharded_total": _full_bytes(a)}
+
+
+def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
+    """Every embedding-group parameter (the :class:`~recjax.layers.embedding.EmbeddingTable` s):
+    name, rows, dim, the mesh axes its rows are split over (``[]``: replicated), the shard
+    count, rows and bytes per device."""
+    out = []
+    params = setup.abstract_state["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), group in zip(leaves, jax.tree.leaves(setup.groups), strict=True):
+        if group != "embedding":
+            continue
+        spec = tuple(leaf.sharding.spec)
+        first = spec[0] if spec else None
+        axes = [] if first is None else [first] if isinstance(first, str) else list(first)
+        shards = int(np.prod([setup.mesh.shape[a] for a in axes])) if axes else 1
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        out.append({
+            "name": jax.tree_util.keystr(path, simple=True, separator="."),
+            "rows": int(leaf.shape[0]),
+            "dim": int(leaf.shape[1]) if leaf.ndim > 1 else 1,
+            "row_axes": axes,
+            "shards": shards,
+            "rows_per_device": int(shard_shape[0]),
+            "bytes_per_device": int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize,
+        })
+    return out
+
+
+def format_placement(tables: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"  {t['name']}: {t['rows']:,} rows x {t['dim']} "
+        + (f"over {' x '.join(t['row_axes'])} ({t['shards']} shards of {t['rows_per_device']:,} rows)"
+           if t["row_axes"] else "replicated")
+        + f", {flops_lib.format_bytes(t['bytes_per_device'])} per device"
+        for t in tables
+    ]
+
+
+def activation_bytes_per_example(cfg: Config, data_info: Any) -> float | None:
+    """The model entry's estimate of the activations kept per example, or None (unknown)."""
+    fn = registry.get(cfg.model.name).activation_bytes
+    return None if fn is None else float(fn(cfg, data_info))
+
+
 def analytic_memory(setup: TrainSetup, info: dict[str, float]) -> dict[str, int]:
     """Per-device bytes: state + gradients + activations + FSDP working set (module docstring)."""
     cfg = setup.cfg
     state = _shard_bytes(setup.abstract_state)
     grads = _shard_bytes(setup.abstract_state["params"])
-    entry = registry.get(cfg.model.name)
-    per_example = entry.activation_bytes(cfg, setup.task.data_info) if entry.activation_bytes else 0.0
+    per_example = activation_bytes_per_example(cfg, setup.task.data_info) or 0.0
     activations = int(per_example * cfg.data.global_batch / setup.batch_shards)
     compute_bytes = 2 if cfg.train.compute_dtype == "bfloat16" else 4
     layers = getattr(cfg.model, "num_layers", 1)
@@ -96,10 +163,15 @@ def analytic_memory(setup: TrainSetup, info: dict[str, float]) -> dict[str, int]
 
 
 def format_report(r: dict[str, Any]) -> str:
-    mem = r["memory_per_device"]
+    mem, st = r["memory_per_device"], r["state_per_device"]
     lines = [
-        f"model {r['model']} | mesh {r['mesh']} | {r['n_devices']} x {r['device_kind']} | global batch {r['global_batch']}",
+        f"model {r['model']} (task {r['task']}) | mesh {r['mesh']} | {r['n_devices']} x {r['device_kind']} "
+        f"| global batch {r['global_batch']}",
         f"params: {r['params_dense']:,} dense ({r['params_active']:,} active), {r['params_embedding']:,} embedding",
+        "tables:\n" + "\n".join(format_placement(r["tables"])) if r["tables"] else "tables: none",
+        f"train state per device: params {flops_lib.format_bytes(st['params'])}, optimizer "
+        f"{flops_lib.format_bytes(st['opt_state'])}, total {flops_lib.format_bytes(st['total'])} "
+        f"(unsharded {flops_lib.format_bytes(st['unsharded_total'])})",
         "per-device memory (XLA): " + ", ".join(f"{k} {flops_lib.format_bytes(v)}" for k, v in mem.items()),
         "per-device memory (analytic): " + ", ".join(
             f"{k} {flops_lib.format_bytes(v)}" for k, v in r["analytic_memory_per_device"].items()

@@ -5,7 +5,10 @@
     {"step": 200, "split": "train", "time": 1712345678.9, "loss": 0.4821, ...}
 
 written, flushed and fsync'ed before ``log`` returns, so a crash loses nothing already
-logged. Non-finite floats are written as ``null``, non-numeric values as strings.
+logged. On an object store (``gs://...``: no append, and an object appears only once it is
+closed; gcsfs even turns mode ``"a"`` into ``"w"``) the logger keeps the file's records and
+rewrites the whole file, through a temporary and a rename, at every ``log`` call: the same
+guarantee, at the cost of one small upload per log line. Non-finite floats are written as ``null``, non-numeric values as strings.
 TensorBoard (``run_dir/tb``, via tensorboardX) gets each finite numeric value as the
 scalar ``"<split>/<name>"``. Only the primary process should pass ``enabled=True``.
 """
@@ -46,6 +49,11 @@ def _json_value(v: Any) -> Any:
     return num
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for an object-store path (``gs://b/run``, ``s3://...``), False for a local one."""
+    return "://" in os.fspath(path)
+
+
 class MetricsLogger:
     """Append-only JSONL + optional TensorBoard writer; a no-op when ``enabled=False``."""
 
@@ -55,26 +63,39 @@ class MetricsLogger:
         self.run_dir = epath.Path(run_dir)
         self.enabled = enabled
         self._file = None
+        self._lines: list[str] | None = None  # object stores: every record, rewritten per log
         self._tb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._file = self.path.open("a")
+        if is_remote(self.run_dir):
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        else:
+            self._file = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"))
 
     def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
-        if not self.enabled or self._file is None:
+        if not self.enabled or (self._file is None and self._lines is None):
             return
         record = {"step": int(step), "split": split, "time": time.time()}
         record.update({str(k): _json_value(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        if hasattr(self._file, "fileno"):  # local files: on disk before log returns
-            os.fsync(self._file.fileno())
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(self._lines))
+            tmp.replace(self.path)
+        else:
+            self._file.write(line)
+            self._file.flush()
+            try:  # on disk before log returns
+                os.fsync(self._file.fileno())
+            except (OSError, ValueError):  # io.UnsupportedOperation: a file without a descriptor
+                pass
         if self._tb is not None:
             for name, v in metrics.items():
                 num = _as_number(v)
@@ -89,6 +110,7 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._lines = None
 
     def __enter__(self) -> MetricsLogger:
         return self

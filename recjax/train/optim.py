@@ -27,7 +27,6 @@ import optax
 
 from recjax.config import DenseOptimConfig, EmbeddingOptimConfig, OptimConfig
 
-
 # ----------------------------------------------------------------------------- schedule
 
 

@@ -9,9 +9,12 @@ Layout (any ``etils.epath`` path: local, ``gs://``, ...)::
     run_dir/report.json                 the final report
 
 Rules (:func:`prepare`): a directory with checkpoints and ``train.resume=false`` is refused
-unless ``overwrite`` (which deletes the old run's checkpoints, logs and report first); a
+unless ``overwrite`` (which deletes the old run's checkpoints, logs and report first, and
+starts over even with ``train.resume=true``); a
 resume whose config differs from the saved one in keys outside :data:`MAY_CHANGE` lists the
-keys and is refused unless ``accept_changes``.
+keys and is refused unless ``accept_changes``. :func:`truncate_metrics` cuts the log back to
+what the resumed checkpoint accounts for; rerunning a command whose run finished
+(:func:`finished_report`) changes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from etils import epath
 
 from recjax.config import Config
-from recjax.errors import RunDirError
+from recjax.errors import ConfigError, RunDirError
 
 # keys a resumed run may change: how long, how often, where and on what it runs
 MAY_CHANGE = (
@@ -33,14 +36,25 @@ MAY_CHANGE = (
     "train.patience", "data.num_threads", "data.prefetch", "data.eval_batches", "ranking.batch",
     "mesh.",
 )
+# object stores a run directory may be on: orbax writes arrays through TensorStore's gcs driver
+# for gs://, and refuses other URLs ("Checkpoint path should be absolute") when it builds specs
+REMOTE_PREFIXES = ("gs://",)
 RUN_FILES = ("checkpoints", "best", "metrics.jsonl", "tb", "report.json", "config.yaml", "config.json")
 
 
 def run_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path``; a local relative path becomes absolute (orbax needs it),
-    any other (``gs://b/run``) is kept as it is."""
+    """``path`` as an ``epath.Path``; a local path becomes absolute (orbax needs it; ``~`` is
+    expanded), any other (``gs://b/run``) is kept as it is (``pathlib``'s ``resolve`` would
+    turn it into a local ``gs:/b/run``)."""
     text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    if "://" not in text:
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    if not text.startswith(REMOTE_PREFIXES):
+        raise ConfigError(
+            f"run_dir={text!r}: checkpoints can be written to a local path or a gs:// bucket "
+            "(orbax builds TensorStore specs for those only; s3:// and others fail there); "
+            "use one of those")
+    return epath.Path(text)
 
 
 def checkpoint_steps(directory: epath.Path) -> list[int]:
@@ -83,7 +97,7 @@ def prepare(cfg: Config, run_dir: epath.Path, *, overwrite: bool, accept_changes
     steps = checkpoint_steps(run_dir / "checkpoints")
     if not steps:
         return None
-    if not cfg.train.resume:
+    if not cfg.train.resume or overwrite:  # --overwrite: start over whatever train.resume says
         if not overwrite:
             raise RunDirError(
                 f"{run_dir} holds checkpoints of an earlier run (steps {steps[0]}..{steps[-1]}) and "
@@ -110,16 +124,45 @@ def prepare(cfg: Config, run_dir: epath.Path, *, overwrite: bool, accept_changes
     return steps[-1]
 
 
-def truncate_metrics(run_dir: epath.Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` records after ``step`` (steps re-run after the last checkpoint)."""
+def truncate_metrics(run_dir: epath.Path, step: int, *, evals_through: int | None = None,
+                     drop_splits: tuple[str, ...] = ()) -> None:
+    """Cut ``metrics.jsonl`` back to what the checkpoint at ``step`` accounts for, so that a
+    resumed run logs no step twice: ``train`` records up to ``step``, evaluation records up to
+    ``evals_through`` (default ``step``; the trainer passes ``step - 1`` when the evaluation of
+    ``step`` is still pending; a fresh start, ``step`` -1, keeps nothing), and none of
+    ``drop_splits`` (the final evaluators', which run again at the end). A line cut short by a
+    crash is dropped."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    if evals_through is None:
+        evals_through = step
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            s = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        split = record.get("split")
+        if split not in drop_splits and s <= (step if split == "train" else evals_through):
+            kept.append(line)
     tmp = run_dir / "metrics.jsonl.tmp"
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def finished_report(run_dir: epath.Path, step: int | None) -> dict[str, Any] | None:
+    """The report of a run that already finished at ``step`` (``report.json`` says so), else
+    None (no report, an older one, or a final evaluation that did not complete)."""
+    path = run_dir / "report.json"
+    if step is None or not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and report.get("steps") == step else None
 
 
 def write_json(path: epath.Path, data: dict[str, Any]) -> None:

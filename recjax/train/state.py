@@ -64,10 +64,10 @@ def param_groups(abstract_model: nnx.Module) -> dict[str, Any]:
     """Params-shaped pure dict of optimizer group labels: ``"embedding"`` for every
     :class:`EmbeddingTable`, ``"dense"`` for every other parameter."""
     state = nnx.state(abstract_model, nnx.Param)
-    return jax.tree.map(
+    return nnx.to_pure_dict(jax.tree.map(
         lambda v: "embedding" if isinstance(v, EmbeddingTable) else "dense",
         state, is_leaf=lambda x: isinstance(x, nnx.Variable),
-    ).to_pure_dict()
+    ))
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ class TrainSetup:
 
     def _init_fn(self, rng: jax.Array) -> State:
         model_rng, state_rng = jax.random.split(rng)
-        params = nnx.split(self.task.build_model(nnx.Rngs(params=model_rng)))[1].to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(self.task.build_model(nnx.Rngs(params=model_rng))))
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -151,8 +151,8 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     total = task.total_steps() if total_steps is None else total_steps
     model = abstract_model(cfg, task)
     graphdef, abstract_params = nnx.split(model)
-    logical_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
-    abstract_params = abstract_params.to_pure_dict()
+    logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    abstract_params = nnx.to_pure_dict(abstract_params)
     param_shardings = shd.tree_shardings(logical_specs, abstract_params, mesh, cfg.mesh.rules)
     groups = param_groups(model)
     tx = optim.make_optimizer(cfg.optim, total, groups)
@@ -204,7 +204,7 @@ def describe_config(cfg: Config) -> dict[str, float]:
     """:func:`describe_model` from the config alone: no mesh, no devices, nothing allocated."""
     task = get_task(cfg)
     model = abstract_model(cfg, task)
-    return _describe(task, nnx.split(model)[1].to_pure_dict(), param_groups(model))
+    return _describe(task, nnx.to_pure_dict(nnx.state(model)), param_groups(model))
 
 
 def _describe(task: Task, params: Any, groups: Any) -> dict[str, float]:

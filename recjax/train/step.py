@@ -39,7 +39,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, 
             grads = jax.lax.with_sharding_constraint(grads, setup.state_shardings["params"])
             updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & (state["nonfinite_step"] < 0)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = {

@@ -5,7 +5,7 @@
 1. check the run directory (:func:`recjax.train.run_dir.prepare`): refuse to overwrite an
    earlier run or to resume with changed keys, before anything is written;
 2. build the setup (mesh, sharded abstract state, optimizer groups) from the config and the
-   task; print the model, the mesh and the placement of every row-sharded table;
+   task; print the model, the mesh and the placement of every embedding table;
 3. restore the newest checkpoint (state, data position, hooks) or initialise; write the
    config; AOT-compile the train step and report its per-device memory;
 4. loop over steps: one jitted step; at their cadences log, evaluate (every ``eval_every``
@@ -40,10 +40,11 @@ from recjax.train import flops as flops_lib
 from recjax.train import optim
 from recjax.train import run_dir as rd
 from recjax.train.checkpoint import Checkpointer
+from recjax.train.compile import format_placement, table_placement
 from recjax.train.hooks import BestTracker, Clock
 from recjax.train.logger import MetricsLogger, format_line
 from recjax.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
-from recjax.train.state import State, TrainSetup, build_setup, describe_model
+from recjax.train.state import State, build_setup, describe_model
 from recjax.train.step import make_train_step
 
 # model diagnostics printed on the console line when the model reports them
@@ -78,24 +79,6 @@ def check_finite(state: State) -> None:
         )
 
 
-def placement_lines(setup: TrainSetup) -> list[str]:
-    """One line per row-sharded parameter: rows, shard axes and count, bytes per device."""
-    lines = []
-    params = setup.abstract_state["params"]
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        spec = tuple(leaf.sharding.spec)
-        if not spec or spec[0] is None or leaf.ndim != 2:
-            continue
-        axes = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
-        shards = int(np.prod([setup.mesh.shape[a] for a in axes]))
-        shard_bytes = int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        lines.append(f"  {name}: {leaf.shape[0]:,} rows x {leaf.shape[1]} over {'x'.join(axes)} "
-                     f"({shards} shards of {leaf.shape[0] // shards:,} rows), "
-                     f"{flops_lib.format_bytes(shard_bytes)} per device")
-    return lines
-
-
 class Trainer:
     """One run of ``cfg`` (see the module docstring); :meth:`run` returns the report."""
 
@@ -123,10 +106,13 @@ class Trainer:
         return (steps > 0 and step % steps == 0) or (epochs > 0 and spe is not None and step % (epochs * spe) == 0)
 
     # --------------------------------------------------------------------------- pieces
-    def _save(self, step: int, state: State, data: Any) -> None:
+    def _save(self, step: int, state: State, data: Any, eval_pending: bool = False) -> None:
+        """Checkpoint ``step``; ``eval_pending``: the evaluation due at ``step`` has not run yet
+        (the final checkpoint, saved first), so a run resumed from it evaluates ``step`` first."""
         t = time.perf_counter()
         check_finite(state)
-        loop = {"data": data.get_state(), "best": self.best.state(), "clock": self.clock.state()}
+        loop = {"data": data.get_state(), "best": self.best.state(), "clock": self.clock.state(),
+                "eval_pending": eval_pending}
         self.ckpt.save(step, state, loop, self.cfg)
         self.saved_step = step
         self.clock.checkpoint_s += time.perf_counter() - t
@@ -176,6 +162,20 @@ class Trainer:
         self._warn_oov("train", m)
         return m
 
+    def _eval_and_track(self, evaluators: dict[str, Any], step: int, state: State,
+                        best_ckpt: Checkpointer | None) -> dict[str, dict[str, float]]:
+        """Evaluate ``step``; a new best of ``train.best_metric`` goes to ``best_ckpt``."""
+        results = self._evaluate(evaluators, step, state["params"])
+        if self.best.update(step, results):
+            self.clock.best_now()
+            if best_ckpt is not None:
+                self._save_best(best_ckpt, step, state, results)
+        if self.best.stop:
+            t = self.cfg.train
+            log0(f"early stop at step {step}: {t.best_metric} has not improved for {t.patience} "
+                 f"evaluations (best {self.best.best:.4f} at step {self.best.best_step})")
+        return results
+
     def _save_best(self, best_ckpt: Checkpointer, step: int, state: State,
                    metrics: dict[str, dict[str, float]]) -> None:
         t = time.perf_counter()
@@ -187,6 +187,11 @@ class Trainer:
     # --------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
         cfg, setup, task = self.cfg, self.setup, self.task
+        finished = rd.finished_report(self.run_dir, self.start) if (self.start or 0) >= self.total else None
+        if finished is not None:  # rerunning a finished command changes nothing in its run_dir
+            log0(f"{self.run_dir} already finished at step {self.start} (report.json): nothing to do; "
+                 "raise train.steps (or train.epochs) to train on, or use another run_dir")
+            return finished
         log0(f"# resolved config ({self.run_dir / 'config.yaml'})\n{cfg.to_yaml()}")
         info = self.info
         log0(f"task {task.name}, model {cfg.model.name}: {info['params_dense']:,} dense "
@@ -197,35 +202,40 @@ class Trainer:
         log0(f"mesh {dict(setup.mesh.shape)} over {setup.n_devices} {jax.devices()[0].device_kind} "
              f"device(s), {jax.process_count()} process(es); {self.total} steps"
              + (f" ({task.steps_per_epoch} per epoch)" if task.steps_per_epoch else ""))
-        placement = placement_lines(setup)
-        log0("table placement:\n" + "\n".join(placement) if placement else "table placement: all replicated")
+        tables = format_placement(table_placement(setup))
+        log0("embedding tables:\n" + "\n".join(tables) if tables else "embedding tables: none")
 
         keep, async_save = cfg.train.keep_checkpoints, cfg.train.async_checkpoint
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", keep=keep, async_save=async_save)
         best_ckpt = (Checkpointer(self.run_dir / "best" / "checkpoints", keep=1, async_save=async_save)
                      if cfg.train.best_metric else None)
         data = task.train_iterator(jax.process_index(), jax.process_count())
-        start = self.start
+        start, eval_pending = self.start, False
         if start is not None:
             state, loop = self.ckpt.restore(start, setup.abstract_state)
             data.set_state(loop["data"])
             self.best.load(loop["best"])
             self.clock.load(loop["clock"])
+            eval_pending = bool(loop.get("eval_pending", False))
             log0(f"resumed from {self.ckpt.directory / str(start)} at step {start}")
         else:
             start = 0
             state = setup.init_state()
         self.saved_step = start
+        evaluators, final_evaluators = task.evaluators(setup), task.final_evaluators(setup)
         if self.is_writer:
             save_config(cfg, self.run_dir)
-            rd.truncate_metrics(self.run_dir, start)
+            # the log keeps what the checkpoint accounts for: a pending eval at `start` runs
+            # again, and the final evaluators run again at the end
+            rd.truncate_metrics(self.run_dir, start if self.start is not None else -1,
+                                evals_through=start - 1 if eval_pending else None,
+                                drop_splits=tuple(final_evaluators))
 
         t0 = time.perf_counter()
         compiled = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch()).compile()
         memory = flops_lib.memory_report(compiled)
         log0(f"compiled train step in {time.perf_counter() - t0:.1f}s; per-device memory: "
              + ", ".join(f"{k} {flops_lib.format_bytes(v)}" for k, v in memory.items()))
-        evaluators = task.evaluators(setup)
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard, enabled=self.is_writer)
         self.peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind)
         self.lrs = optim.optimizer_lrs(cfg.optim, self.total)
@@ -238,6 +248,8 @@ class Trainer:
         try:
             if start == 0 and evaluators and (t.eval_every or t.eval_every_epochs):
                 eval_metrics = self._evaluate(evaluators, 0, state["params"])  # where the curve starts
+            if eval_pending and evaluators:  # resumed from a final checkpoint saved before its eval
+                eval_metrics = self._eval_and_track(evaluators, start, state, best_ckpt)
             self.clock.start()
             pending: list[dict[str, Any]] = []
             last_log, excluded = time.perf_counter(), 0.0  # eval and checkpoint time is excluded
@@ -260,17 +272,10 @@ class Trainer:
                 if self._due(t.log_every, 0, step) or final:
                     flush_log()
                 t_aside = time.perf_counter()
-                if final:
-                    self._save(step, state, data)  # the final checkpoint comes before the final eval
+                if final:  # the final checkpoint comes before the final eval
+                    self._save(step, state, data, eval_pending=bool(evaluators))
                 if evaluators and (self._due(t.eval_every, t.eval_every_epochs, step) or final):
-                    eval_metrics = self._evaluate(evaluators, step, state["params"])
-                    if self.best.update(step, eval_metrics):
-                        self.clock.best_now()
-                        if best_ckpt is not None:
-                            self._save_best(best_ckpt, step, state, eval_metrics)
-                    if self.best.stop:
-                        log0(f"early stop at step {step}: {t.best_metric} has not improved for "
-                             f"{t.patience} evaluations (best {self.best.best:.4f} at step {self.best.best_step})")
+                    eval_metrics = self._eval_and_track(evaluators, step, state, best_ckpt)
                 if not final and (self._due(t.checkpoint_every, t.checkpoint_every_epochs, step) or self.best.stop):
                     self._save(step, state, data)
                 if not final and watch.reached(step):
@@ -284,20 +289,18 @@ class Trainer:
                 flush_log()
             if self.saved_step != step:  # a resumed run that had nothing left to do
                 self._save(step, state, data)
-            if evaluators and self.best.last_eval_step != step:  # resumed after the final save
-                eval_metrics = self._evaluate(evaluators, step, state["params"])
-                self.best.update(step, eval_metrics)
             self.ckpt.wait()
-            params, final_step = state["params"], step
+            params, final_step, best_eval = state["params"], step, eval_metrics
             if best_ckpt is not None:
                 best_ckpt.wait()
                 final_step = best_ckpt.latest_step()
                 if final_step is None:
                     raise NoCheckpointError(f"no evaluation was run, so there is no best checkpoint in "
                                             f"{best_ckpt.directory}")
-                restored, _ = best_ckpt.restore(final_step, {"params": setup.abstract_state["params"]})
+                restored, saved = best_ckpt.restore(final_step, {"params": setup.abstract_state["params"]})
                 params = restored["params"]
-            final_metrics = self._evaluate(task.final_evaluators(setup), final_step, params)
+                best_eval = {k: v for k, v in saved.items() if k != "step"}
+            final_metrics = self._evaluate(final_evaluators, final_step, params)
         finally:
             watch.close()
             self.logger.close()
@@ -317,7 +320,8 @@ class Trainer:
             "best_step": self.best.best_step,
             "best_value": self.best.best,
             "train": train_metrics,
-            "eval": eval_metrics,
+            "eval": eval_metrics,  # the last evaluation, {split: metrics}
+            "best_eval": best_eval,  # the evaluation of the parameters the final evaluators used
             **{split: m for split, m in final_metrics.items()},
             "train_examples_per_s": cfg.data.global_batch * (step - start) / self.clock.train_s
             if self.clock.train_s > 0 and step > start else None,
