@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -53,3 +54,39 @@ def tiny(*extra: str) -> list[str]:
     """TINY with ``extra`` overrides; a key in ``extra`` replaces the TINY value."""
     keys = {e.split("=", 1)[0] for e in extra}
     return [t for t in TINY if t.split("=", 1)[0] not in keys] + list(extra)
+
+
+def with_overrides(base: list[str], *extra: str) -> list[str]:
+    """``base`` arguments with the ``key=value`` overrides in ``extra`` replacing the same keys."""
+    keys = {e.split("=", 1)[0] for e in extra if "=" in e}
+    return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``recjax ARGV`` in this process: (exit code, stdout, stderr)."""
+    from recjax.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def snapshot(run: pathlib.Path) -> dict[str, bytes]:
+    """Every file under ``run`` (relative path -> bytes)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
+    """Train loss per step from ``run_dir/metrics.jsonl`` (a step logged twice keeps the last)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []

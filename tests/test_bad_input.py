@@ -16,7 +16,8 @@ import shutil
 import pytest
 
 from recjax.cli import main
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli, run_cli, snapshot
+from tests.conftest import with_overrides as args
 
 DLRM = [
     "--config", str(REPO / "configs/experiments/dlrm_synthetic.yaml"),
@@ -31,21 +32,10 @@ SEQREC = [
 ]
 
 
-def args(base: list[str], *extra: str) -> list[str]:
-    """``base`` with the ``key=value`` overrides in ``extra`` replacing the same keys."""
-    keys = {e.split("=", 1)[0] for e in extra if "=" in e}
-    return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
-def snapshot(run: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
 def records(run: pathlib.Path, split: str) -> list[dict]:

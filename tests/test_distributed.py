@@ -24,7 +24,7 @@ from recjax.data.criteo import write_criteo_tsv
 from recjax.errors import CheckpointMismatchError, DistributedError
 from recjax.parallel.distributed import resolve
 from recjax.parallel.launch import free_port
-from tests.conftest import REPO, run_cli, tiny
+from tests.conftest import REPO, checkpoint_steps, read_losses, run_cli, tiny
 
 # The model every multi-process run trains: the flagship, at its CI size.
 MODEL_CONFIG = "configs/models/tokenmixer_large_tiny.yaml"
@@ -37,19 +37,8 @@ TRAIN_ARGS = ["--config", MODEL_CONFIG, *tiny(
 )]
 
 
-def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
-    """Train loss per step from ``run_dir/metrics.jsonl`` (a step logged twice keeps the last)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
-def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
-    d = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
 # ----------------------------------------------------------------------------- settings

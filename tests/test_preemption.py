@@ -18,8 +18,8 @@ import pytest
 
 from recjax.parallel.launch import free_port, local_env
 from recjax.train.preemption import PREEMPTED_EXIT_CODE
-from tests.conftest import REPO, run_cli
-from tests.test_trainer_parallel import CONFIGS, launch_local, read_losses
+from tests.conftest import REPO, read_losses, run_cli
+from tests.test_trainer_parallel import CONFIGS, launch_local
 
 K = 10  # SIGTERM once metrics.jsonl shows this step
 EXIT_WITHIN_S = 60

@@ -18,7 +18,7 @@ from recjax.kernels import moe as moe_kernels
 from recjax.layers.token_mixing import mix, revert, swiglu
 from recjax.models import tokenmixer_large as tml
 from recjax.train.state import describe_config
-from tests.conftest import run_python, tiny
+from tests.conftest import read_losses, run_python, tiny
 from tests.test_models import build as build_eager
 from tests.test_models import (
     build_abstract,
@@ -27,7 +27,6 @@ from tests.test_models import (
     make_cfg,
     model_flops,
 )
-from tests.test_train import read_losses
 
 
 def build(cfg, fs, seed: int = 0) -> nnx.Module:

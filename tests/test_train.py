@@ -14,22 +14,7 @@ import time
 
 import numpy as np
 
-from tests.conftest import REPO, run_cli, run_python, tiny
-
-
-def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
-    """Train loss per step; a step logged twice (before a crash and after resume) keeps the last."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
-def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
-    d = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+from tests.conftest import REPO, checkpoint_steps, read_losses, run_cli, run_python, tiny
 
 
 def test_train_writes_logs_tensorboard_checkpoint_and_learns(tmp_path: pathlib.Path):

@@ -5,7 +5,6 @@ config and a sequential-recommender config."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -14,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_losses, run_cli
 
 STEPS = 20
 TOL = 1e-5
@@ -34,14 +33,6 @@ CONFIGS = {
 }
 
 
-def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
-    """Train loss per step from ``run_dir/metrics.jsonl`` (a step logged twice keeps the last)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["split"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def launch_local(n: int, devices: int, command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
