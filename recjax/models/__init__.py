@@ -1,3 +1,2 @@
-"""Model families; importing this package registers every model."""
-
-from recjax.models import dcnv2, dlrm, rankmixer, seqrec, tokenmixer_large  # noqa: F401  (registration side effects)
+"""Model families, one module each; a module registers its entry in
+:data:`recjax.registry.MODELS`, which imports it the first time its name is looked up."""
