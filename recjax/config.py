@@ -210,7 +210,7 @@ class TrainConfig:
 
 @dataclass
 class RankingConfig:
-    """Leave-one-out ranking evaluation of the sequential recommenders (``recjax.train.ranking``)."""
+    """Leave-one-out ranking evaluation of the sequential recommenders (``recjax.tasks.ranking``)."""
 
     protocol: Literal["full", "sampled"] = "full"  # all items, or the target vs sampled negatives
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs of HR@K and NDCG@K

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recjax.train import metrics as M
+from recjax.tasks import metrics as M
 
 
 def brute_auc(p: np.ndarray, y: np.ndarray) -> float:

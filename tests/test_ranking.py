@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recjax.config import RankingConfig
-from recjax.train import ranking as rk
+from recjax.tasks import ranking as rk
 
 # 4 items: ids 1..4; column 0 is padding and column 5 the [MASK] token (never candidates)
 SCORES = np.array(

@@ -386,7 +386,7 @@ def last_scores(graphdef, params, inputs, lengths):
 
 
 def test_evaluation_ranks_match_the_numpy_spec_for_every_protocol():
-    from recjax.train import ranking as rk
+    from recjax.tasks import ranking as rk
 
     for protocol, extra in (("full", ["ranking.mask_history=true"]), ("sampled", ["ranking.num_negatives=20"])):
         c = e2e_cfg(pathlib.Path("unused"), f"ranking.protocol={protocol}", "ranking.batch=128", *extra)

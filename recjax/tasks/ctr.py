@@ -9,7 +9,7 @@ GAUC). Loss, with ``z`` the model's logits and ``y`` the labels::
                  + aux["aux_loss"]                 (label-free model penalties, e.g. MoE balance)
 
 Evaluation (split ``eval``): AUC, logloss, NE, GAUC and, on synthetic data, the Bayes logloss
-(``recjax.train.metrics``), plus the out-of-vocabulary share of the lookups.
+(``recjax.tasks.metrics``), plus the out-of-vocabulary share of the lookups.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from recjax.errors import ConfigError, DataError
 from recjax.parallel import sharding as shd
 from recjax.registry import TASKS
 from recjax.tasks.base import Evaluator, Metrics, Task, scalar_metrics
-from recjax.train.metrics import StreamingEval
+from recjax.tasks.metrics import StreamingEval
 
 SOURCES = ("synthetic", "criteo")
 

@@ -17,7 +17,7 @@ target, at ``lengths - 1``, so only that position is scored; windows and cloze s
 ``S`` positions. The mean is over the global batch's targets, so the loss does not depend on
 how the batch is split over devices or processes.
 
-Evaluation: leave-one-out ranking (``recjax.train.ranking``) of the validation split at the
+Evaluation: leave-one-out ranking (``recjax.tasks.ranking``) of the validation split at the
 trainer's eval cadence (``valid``) and of the test split once at the end on the best
 parameters (``test``); the popularity baseline of both goes to report.json.
 """
@@ -41,8 +41,8 @@ from recjax.errors import ConfigError, DataError
 from recjax.models.seqrec import SeqRecConfig, SequenceInfo
 from recjax.parallel import sharding as shd
 from recjax.registry import TASKS
+from recjax.tasks import ranking as rk
 from recjax.tasks.base import Evaluator, Metrics, Task
-from recjax.train import ranking as rk
 
 VALID_NEGATIVES_SEED, TEST_NEGATIVES_SEED = 0, 1  # same candidates for every run and seed
 
