@@ -154,10 +154,11 @@ def cmd_params(args: argparse.Namespace) -> int:
     compiled or allocated). A mesh the devices cannot hold is a config error after the counts."""
     cfg = _load(args)
     from recjax.tasks import get_task
-    from recjax.train.state import describe_config
+    from recjax.train.state import describe_config, inspection_setup
 
-    info = describe_config(cfg)
-    per = get_task(cfg).example_name[:-1]  # "example" | "sequence"
+    task = get_task(cfg)  # one task: its data is read once
+    info = describe_config(cfg, task)
+    per = task.example_name[:-1]  # "example" | "sequence"
     lines = {
         "params_dense": info["params_dense"],
         "params_active": info["params_active"],
@@ -170,7 +171,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     from recjax.train import compile as compile_lib
 
-    setup = compile_lib.placement_setup(cfg)
+    setup = inspection_setup(cfg, task)
     tables = compile_lib.table_placement(setup)
     state = compile_lib.state_memory(setup)
     estimate = compile_lib.analytic_memory(setup, info)

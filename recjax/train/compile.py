@@ -34,18 +34,12 @@ import numpy as np
 from recjax.config import Config
 from recjax.models import registry
 from recjax.train import flops as flops_lib
-from recjax.train.state import TrainSetup, build_setup, describe_model
+from recjax.train.state import TrainSetup, describe_model, inspection_setup
 from recjax.train.step import make_train_step
 
 
-def placement_setup(cfg: Config) -> TrainSetup:
-    """The setup ``recjax compile`` / ``recjax params`` describe: the schedule's length does
-    not change the compiled step, so no epoch's rows are read to count the steps."""
-    return build_setup(cfg, total_steps=max(cfg.train.steps, 1))
-
-
 def compile_report(cfg: Config) -> dict[str, Any]:
-    setup = placement_setup(cfg)
+    setup = inspection_setup(cfg)
     info = describe_model(setup)
     t0 = time.perf_counter()
     lowered = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch())

@@ -183,6 +183,13 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     return setup
 
 
+def inspection_setup(cfg: Config, task: Task | None = None) -> TrainSetup:
+    """The setup of commands that do not train (``recjax compile``, ``params``, ``eval``): the
+    schedule's length changes no shape or compiled step, so no epoch's rows are read to count
+    the steps."""
+    return build_setup(cfg, task, total_steps=max(cfg.train.steps, 1))
+
+
 def param_counts(params: Any, groups: Any) -> dict[str, int]:
     """Parameter counts split into embedding tables and dense weights."""
     counts = {"embedding": 0, "dense": 0}
@@ -200,9 +207,9 @@ def describe_model(setup: TrainSetup) -> dict[str, float]:
     return _describe(setup.task, setup.abstract_state["params"], setup.groups)
 
 
-def describe_config(cfg: Config) -> dict[str, float]:
+def describe_config(cfg: Config, task: Task | None = None) -> dict[str, float]:
     """:func:`describe_model` from the config alone: no mesh, no devices, nothing allocated."""
-    task = get_task(cfg)
+    task = task or get_task(cfg)
     model = abstract_model(cfg, task)
     return _describe(task, nnx.to_pure_dict(nnx.state(model)), param_groups(model))
 

@@ -44,7 +44,7 @@ from recjax.train.compile import format_placement, table_placement
 from recjax.train.hooks import BestTracker, Clock
 from recjax.train.logger import MetricsLogger, format_line
 from recjax.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
-from recjax.train.state import State, build_setup, describe_model
+from recjax.train.state import State, build_setup, describe_model, inspection_setup
 from recjax.train.step import make_train_step
 
 # model diagnostics printed on the console line when the model reports them
@@ -356,7 +356,7 @@ def train(cfg: Config, *, overwrite: bool = False, accept_config_changes: bool =
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate a run's best checkpoint (or its newest one) with every evaluator of its task."""
     task = get_task(cfg)
-    setup = build_setup(cfg, task, total_steps=max(cfg.train.steps, 1))
+    setup = inspection_setup(cfg, task)
     run_dir = rd.run_path(cfg.run_dir)
     best_dir, last_dir = run_dir / "best" / "checkpoints", run_dir / "checkpoints"
     directory = best_dir if rd.checkpoint_steps(best_dir) else last_dir
