@@ -119,7 +119,11 @@ class SequenceDataConfig:
     path: str = ""  # a directory written by `recjax data prepare`; "" = the synthetic generator
     max_len: int = 50  # model input length; longer histories keep their most recent items
     train_rows: Literal["windows", "prefixes"] = "windows"  # prefixes = RecBole's augmentation
-    mask_prob: float = 0.2  # BERT4Rec cloze: share of positions masked (80/10/10)
+    window_stride: int = 0  # windows: step between window ends; 0 = max_len (no overlap)
+    mask_prob: float = 0.2  # cloze: share of positions selected for prediction
+    mask_replace: Literal["bert", "mask"] = "bert"  # cloze: 80% [MASK]/10% random/10% kept, or all [MASK]
+    mask_last_prob: float = 0.0  # cloze: share of batches that mask only each row's last item (RecBole ft_ratio)
+    eval_drop_first: bool = False  # cloze eval input shifted left by one as RecBole's BERT4Rec does
     synthetic: SyntheticSequenceConfig = field(default_factory=SyntheticSequenceConfig)
 
 

@@ -342,13 +342,14 @@ def test_leave_one_out():
         leave_one_out(short)
 
 
-@pytest.mark.parametrize("max_len", [1, 3, 5, 50])
-def test_windows_cover_training_targets_once_without_leaks(max_len):
+@pytest.mark.parametrize("max_len,stride", [(1, 0), (3, 0), (5, 0), (50, 0), (5, 2), (5, 1), (4, 4)])
+def test_windows_cover_training_targets_once_without_leaks(max_len, stride):
     data = _toy_sequences()
     coded = _position_coded(data)
     split = leave_one_out(coded)
-    rows = train_rows(split, max_len, "windows", "next_item")
-    real = train_rows(leave_one_out(data), max_len, "windows", "next_item")
+    rows = train_rows(split, max_len, "windows", "next_item", stride)
+    real = train_rows(leave_one_out(data), max_len, "windows", "next_item", stride)
+    k = stride or max_len
     assert rows.inputs.shape == rows.targets.shape == (len(rows), max_len)
     owner = np.searchsorted(coded.offsets, np.arange(coded.num_interactions), side="right") - 1
     seen_targets = []
@@ -356,20 +357,24 @@ def test_windows_cover_training_targets_once_without_leaks(max_len):
         n = int(rows.lengths[r])
         assert 1 <= n <= max_len
         assert (rows.inputs[r, n:] == 0).all() and (rows.targets[r, n:] == 0).all()
-        pos_in, pos_tg = rows.inputs[r, :n] - 1, rows.targets[r, :n] - 1
-        assert (pos_tg == pos_in + 1).all()  # each target is the next item
-        assert (pos_tg[:-1] == pos_in[1:]).all()  # ... which is the next input
+        pos_in, scored = rows.inputs[r, :n] - 1, rows.targets[r, :n] > 0
         u = owner[pos_in[0]]
-        assert (owner[pos_tg] == u).all()
-        train_end = coded.offsets[u + 1] - 2  # validation and test positions start here
-        assert pos_tg.max() < train_end
+        assert (pos_in == pos_in[0] + np.arange(n)).all()  # consecutive items of one user
+        first = pos_in[0] == coded.offsets[u]
+        # a user's first window scores every position; the others their last k, with full context
+        assert scored.all() if first else (n == max_len and (scored == (np.arange(n) >= n - k)).all())
+        pos_tg = rows.targets[r, :n][scored] - 1
+        assert (pos_tg == pos_in[scored] + 1).all()  # each target is the next item
+        assert (owner[pos_tg] == u).all() and pos_tg.max() < coded.offsets[u + 1] - 2  # no leak
         seen_targets.extend(pos_tg.tolist())
         # the real rows hold the items at those positions
         np.testing.assert_array_equal(real.inputs[r, :n], data.items[pos_in])
-        np.testing.assert_array_equal(real.targets[r, :n], data.items[pos_tg])
+        np.testing.assert_array_equal(real.targets[r, :n][scored], data.items[pos_tg])
     expected = [p for u in split.users for p in range(coded.offsets[u] + 1, coded.offsets[u + 1] - 2)]
     assert sorted(seen_targets) == expected  # every training target exactly once
-    assert len(rows) == sum(-(-(int(m) - 1) // max_len) for m in split.train_lengths)
+    assert len(rows) == sum(1 + max(0, -(-(int(m) - max_len - 1) // k)) for m in split.train_lengths if m >= 2)
+    if stride in (0, max_len):
+        assert len(rows) == sum(-(-(int(m) - 1) // max_len) for m in split.train_lengths)
 
 
 def test_prefix_rows_one_per_target():
@@ -401,8 +406,22 @@ def test_cloze_rows_are_windows_without_targets():
     expected = [p for u in split.users for p in range(coded.offsets[u], coded.offsets[u + 1] - 2)]
     assert covered.tolist() == expected
     assert len(rows) == int((-(-split.train_lengths // 5)).sum())
-    with pytest.raises(ConfigError, match="train_rows=windows"):
-        train_rows(split, 5, "prefixes", "cloze")
+    # overlapping windows (stride 2): every window of a long user is full, the last starts at x_1
+    rows2 = train_rows(split, 5, "windows", "cloze", 2)
+    starts = {}
+    for r in range(len(rows2)):
+        n, pos = int(rows2.lengths[r]), rows2.inputs[r, : rows2.lengths[r]] - 1
+        u = np.searchsorted(coded.offsets, pos[0], side="right") - 1
+        assert (pos == pos[0] + np.arange(n)).all() and pos[-1] < coded.offsets[u + 1] - 2
+        assert n == 5 or pos[0] == coded.offsets[u]
+        starts.setdefault(u, []).append(pos[0] - coded.offsets[u])
+    for u, m in zip(split.users, split.train_lengths, strict=True):
+        assert sorted(starts[u]) == sorted({max(0, int(m) - 5 - 2 * j) for j in range(-(-max(0, int(m) - 5) // 2) + 1)})
+    # RecBole's BERT4Rec rows: the inputs of the next-item prefixes, no targets (masked per batch)
+    prefixes, nexts = train_rows(split, 5, "prefixes", "cloze"), train_rows(split, 5, "prefixes", "next_item")
+    assert (prefixes.targets == 0).all()
+    np.testing.assert_array_equal(prefixes.inputs, nexts.inputs)
+    np.testing.assert_array_equal(prefixes.lengths, nexts.lengths)
 
 
 def test_train_batches_shuffle_pad_and_resume():
@@ -508,6 +527,63 @@ def test_cloze_masking_statistics_and_determinism():
     assert not np.array_equal(x["targets"], other_seed["targets"])
 
 
+def test_recbole_cloze_masks_and_last_item_batches():
+    rng = np.random.default_rng(2)
+    n_items, s = 500, 12
+    lengths = rng.integers(1, 30, 300)
+    data = SequenceData(np.concatenate([[0], np.cumsum(lengths + 2)]), rng.integers(1, n_items + 1,
+                        (lengths + 2).sum()).astype(np.int32), np.zeros((lengths + 2).sum()), n_items,
+                        [str(i) for i in range(300)], [str(i) for i in range(n_items)])
+    rows = train_rows(leave_one_out(data), s, "windows", "cloze")
+    mask_only = TrainBatches(rows, 32, seed=0, objective="cloze", num_items=n_items, mask_replace="mask")
+    for b in mask_only.epoch(1):
+        sel = b["targets"] > 0
+        assert (b["inputs"][sel] == n_items + 1).all() and sel.sum() > 0
+    # mask_last_prob: a batch either masks each row's last item only, or is an ordinary cloze batch
+    uncut = dataclasses.replace(rows, spans=None)  # no end cuts: the other positions stay as they were
+    mixed = TrainBatches(uncut, 32, seed=0, objective="cloze", num_items=n_items, mask_replace="mask",
+                         mask_last_prob=0.5)
+    last_batches = 0
+    for epoch in range(1, 9):
+        order = mixed.order(epoch)
+        for i, b in enumerate(mixed.epoch(epoch)):
+            sel, n = b["targets"] > 0, b["lengths"]
+            last = np.arange(s)[None, :] == (n - 1)[:, None]
+            if (sel == last).all():  # a last-item batch: [MASK] there, every other position unchanged
+                last_batches += 1
+                original = np.zeros_like(b["inputs"])
+                take = order[i * 32:(i + 1) * 32]
+                original[: take.size] = rows.inputs[take]
+                np.testing.assert_array_equal(b["targets"][last], original[last])
+                assert (b["inputs"][last] == n_items + 1).all()
+                np.testing.assert_array_equal(b["inputs"][~last], original[~last])
+    total = 8 * len(mixed)
+    assert 0.3 < last_batches / total < 0.7, (last_batches, total)
+    # windows of stride 3: a last-item batch cuts each row's end back by 0..span-1 items (span 3,
+    # or the whole length for a user's first window), so every training item becomes a target
+    rows3 = train_rows(leave_one_out(data), s, "windows", "cloze", 3)
+    cut = TrainBatches(rows3, 32, seed=0, objective="cloze", num_items=n_items, mask_last_prob=1.0)
+    targets_seen, cuts = set(), []
+    for epoch in range(1, 41):
+        order = cut.order(epoch)
+        for i, b in enumerate(cut.epoch(epoch)):
+            take = order[i * 32:(i + 1) * 32]
+            n, full, span = b["lengths"][: take.size], rows3.lengths[take], rows3.spans[take]
+            assert ((n >= 1) & (n > full - span) & (n <= full)).all()
+            for r, row in enumerate(take):
+                np.testing.assert_array_equal(b["inputs"][r, : n[r] - 1], rows3.inputs[row, : n[r] - 1])
+                assert b["inputs"][r, n[r] - 1] == n_items + 1
+                assert b["targets"][r, n[r] - 1] == rows3.inputs[row, n[r] - 1]
+                assert (b["inputs"][r, n[r]:] == 0).all() and (b["targets"][r] > 0).sum() == 1
+                targets_seen.add((int(row), int(n[r])))
+            cuts.append(((full - n) / span)[full == s])
+    assert 0.2 < np.concatenate(cuts).mean() < 0.45  # uniform over 0..2 of 3: mean 1/3
+    # the (window, end) pairs drawn are the possible ones, and 40 epochs draw nearly all of them
+    possible = {(r, e) for r in range(len(rows3))
+                for e in range(int(rows3.lengths[r] - rows3.spans[r]) + 1, int(rows3.lengths[r]) + 1)}
+    assert targets_seen <= possible and len(targets_seen) > 0.9 * len(possible)
+
+
 @pytest.mark.parametrize("which", ["valid", "test"])
 @pytest.mark.parametrize("append_mask", [False, True])
 def test_eval_rows(which, append_mask):
@@ -531,6 +607,23 @@ def test_eval_rows(which, append_mask):
             np.testing.assert_array_equal(rows.inputs[k, :n], history[-s:])
             assert n == min(len(history), s)
         assert (rows.inputs[k, n:] == 0).all()
+
+
+def test_eval_rows_drop_first_is_recboles_bert4rec_test_input():
+    """RecBole appends [MASK] at position len of the padded history and drops column 0."""
+    data = _toy_sequences()
+    split = leave_one_out(data)
+    s = 6
+    rows = eval_rows(split, "test", s, append_mask=True, drop_first=True)
+    for k, u in enumerate(rows.users):
+        history = list(data.sequence(u)[:-1])
+        padded = (history[-s:] + [0] * s)[:s]  # RecBole's item_seq: the last s items, left-aligned
+        n = min(len(history), s)
+        recbole = (padded + [0])
+        recbole[n] = data.num_items + 1
+        recbole = recbole[1:]
+        np.testing.assert_array_equal(rows.inputs[k], recbole)
+        assert rows.lengths[k] == n  # the model scores position n - 1: the [MASK]
 
 
 @pytest.mark.parametrize("dense_below", [seq_pipeline.DENSE_BELOW, 1.1])  # 1.1: every row by keys

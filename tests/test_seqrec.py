@@ -413,3 +413,31 @@ def test_evaluation_ranks_match_the_numpy_spec_for_every_protocol():
         assert evaluator(params) == rk.ranking_metrics(got, c.ranking.ks, ties)
         pop = task.popularity("test")
         assert 0 < pop["ndcg@10"] < pop["hr@10"] <= 1
+
+
+def test_recbole_post_ln_backbone_matches_its_equations():
+    """norm=post: x_0 = LN(E + P); a = LN(x + Attn(x)); x' = LN(a + FFN(a)) (RecBole's
+    TransformerEncoder, dropout off); output_head=ffn: h = LN(gelu(W x_L + b)); no output bias."""
+    _, graphdef, params = make_params("model.norm=post", "model.output_head=ffn", "model.output_bias=false",
+                                      "model.dropout=0.0", "model.attn_dropout=0.0")
+    assert "final_norm" not in params and "output_bias" not in params
+    inputs, lengths = random_batch(6, lengths=(5, MAX_LEN))
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        h = model.encode(inputs, lengths, train=False)
+        x = model.embed_norm(model.item_embedding[...][inputs] + model.position_embedding[...][None])
+        for block in model.blocks:
+            a = block.norm_attn(x + block.attn(x, lengths, None))
+            ffn = block.ffn_out(jax.nn.gelu(block.ffn_in(a), approximate=False))
+            x = block.norm_ffn(a + ffn)
+        expect = model.head_norm(jax.nn.gelu(model.head(x), approximate=False))
+        vecs, bias = model.output_rows(jnp.asarray(inputs))
+        return h, expect, model.item_logits(h), h @ model.item_embedding[...].T, bias
+
+    h, expect, logits, manual, bias = (np.asarray(a) for a in run(params))
+    valid = np.arange(MAX_LEN)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(h[valid], expect[valid], atol=1e-5)
+    np.testing.assert_allclose(logits, manual, atol=1e-5)  # no output bias
+    assert np.all(bias == 0)

@@ -9,17 +9,29 @@ Leave-one-out (:func:`leave_one_out`), per user with items ``x_1..x_n`` in time 
 
 Training rows (:func:`train_rows`) over a training part ``x_1..x_m``:
 
-- ``next_item`` / ``windows``: chunks of ``S + 1`` items cut from the end with stride ``S``
-  (neighbours share one item); chunk ``w`` gives ``inputs = w[:-1]``, ``targets = w[1:]``, so
-  each of ``x_2..x_m`` is a target exactly once; ``ceil((m - 1) / S)`` rows per user.
+- ``next_item`` / ``windows``: chunks of up to ``S + 1`` items whose ends step back from
+  ``x_m`` by ``k`` (``stride``, default ``S``); chunk ``w`` gives ``inputs = w[:-1]`` and
+  targets ``w[1:]`` at its last ``k`` positions only, except the first chunk of the user (it
+  starts at ``x_1``), which keeps all of them; so each of ``x_2..x_m`` is a target exactly once,
+  ``1 + max(0, ceil((m - S - 1) / k))`` rows per user. With ``k = S`` the chunks do not
+  overlap (neighbours share one item); a smaller ``k`` gives every target of a long user at
+  least ``S - k`` items of context at positions ``>= S - k``, as evaluation (the last ``S``
+  items) and prefix rows have, for ``S / k`` times the rows of long users.
 - ``next_item`` / ``prefixes`` (RecBole): for ``i = 1..m-1`` the last ``S`` items of
   ``x_1..x_i`` with the single target ``x_{i+1}`` at position ``len - 1``; ``m - 1`` rows per
   user, ``R * S * 8`` bytes in all (one row per training interaction).
-- ``cloze``: chunks of ``S`` items from the end with stride ``S``, targets 0; the masking is
-  drawn per batch by :class:`TrainBatches` (BERT4Rec: 80% [MASK], 10% random item, 10% kept).
+- ``cloze`` / ``windows``: chunks of up to ``S`` items whose ends step back from ``x_m`` by
+  ``k`` (``stride``, default ``S``; the last chunk of a user starts at ``x_1``), targets 0; the
+  masking is drawn per batch by :class:`TrainBatches`. ``k = 1`` gives RecBole's prefix rows
+  for every prefix of at least ``S`` items.
+- ``cloze`` / ``prefixes`` (RecBole's BERT4Rec): the inputs of the next-item prefixes (the last
+  ``S`` items of ``x_1..x_i``, ``i = 1..m-1``), targets 0, masked per batch.
 
 Evaluation rows (:func:`eval_rows`) hold the last ``S`` history items (``append_mask``: the last
-``S - 1`` and [MASK]), the target, and the whole history as CSR for masking seen items.
+``S - 1`` and [MASK]; with ``drop_first`` the last ``min(h - 1, S - 1)`` of the ``h`` history
+items and [MASK], which is RecBole's BERT4Rec test input: it shifts the padded history left by
+one, dropping the first item of histories shorter than ``S``), the target, and the whole history
+as CSR for masking seen items.
 :func:`sample_negatives` draws per user ``n`` distinct items the user never interacted with,
 uniformly or proportionally to training popularity, by successive sampling (exact sampling
 without replacement) in vectorised rounds.
@@ -100,41 +112,49 @@ class TrainRows:
     inputs: np.ndarray  # int32 [R, S]   S = max_len, left-aligned, 0-padded
     targets: np.ndarray  # int32 [R, S]   item to predict at each position, 0 = no loss there
     lengths: np.ndarray  # int32 [R]
+    # int32 [R] or None (all 1): how many end positions a cloze row stands for -- the stride for
+    # an overlapping window, the whole length for a user's first window, 1 for a prefix row
+    spans: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
 
-def train_rows(split: LeaveOneOut, max_len: int, mode: str, objective: str) -> TrainRows:
-    """Training rows of every kept user's training part (see the module docstring)."""
+def train_rows(split: LeaveOneOut, max_len: int, mode: str, objective: str, stride: int = 0) -> TrainRows:
+    """Training rows of every kept user's training part (see the module docstring);
+    ``stride`` (windows; 0 = ``max_len``) steps the windows' ends."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if mode not in MODES:
         raise ConfigError(f"data.sequences.train_rows must be one of {MODES}, got {mode!r}")
-    if objective == "cloze" and mode != "windows":
-        raise ConfigError("cloze (BERT4Rec-style) training uses windows; set data.sequences.train_rows=windows")
     if max_len < 1:
         raise ConfigError(f"data.sequences.max_len must be >= 1, got {max_len}")
     s = max_len
+    k = stride or s
+    if mode == "windows" and not 1 <= k <= s:
+        raise ConfigError(f"data.sequences.window_stride must lie in [1, max_len={s}] (0 = max_len), got {stride}")
     base = split.data.offsets[split.users]  # first interaction of each kept user
     m = split.train_lengths
-    if objective == "cloze":
-        # chunk j (from the end) covers [max(0, m - (j+1) S), m - j S); ceil(m / S) chunks
-        per_user = -(-m // s)
+    if objective == "cloze" and mode == "windows":
+        # chunk j (from the end) covers [max(0, m - j k - S), m - j k); the last one starts at 0
+        per_user = np.where(m >= 1, 1 + np.maximum(0, -(-(m - s) // k)), 0)
         user, j = _expand(per_user)
-        end = m[user] - j * s
+        end = m[user] - j * k
         start = np.maximum(0, end - s)
         inputs = _gather(split.data.items, base[user] + start, end - start, s)
-        return TrainRows(inputs, np.zeros_like(inputs), (end - start).astype(np.int32))
+        spans = np.where(start > 0, np.minimum(k, end - start), end - start)
+        return TrainRows(inputs, np.zeros_like(inputs), (end - start).astype(np.int32), spans.astype(np.int32))
     if mode == "windows":
-        # chunk j covers [max(0, m - j S - S - 1), m - j S) while its end is >= 2
-        per_user = np.where(m >= 2, (m - 2) // s + 1, 0)
+        # chunk j covers [max(0, m - j k - S - 1), m - j k); the last one per user starts at 0
+        per_user = np.where(m >= 2, 1 + np.maximum(0, -(-(m - s - 1) // k)), 0)
         user, j = _expand(per_user)
-        end = m[user] - j * s
+        end = m[user] - j * k
         start = np.maximum(0, end - s - 1)
         length = end - start - 1
         inputs = _gather(split.data.items, base[user] + start, length, s)
         targets = _gather(split.data.items, base[user] + start + 1, length, s)
+        earlier = (start > 0)[:, None] & (np.arange(s)[None, :] < (length - k)[:, None])
+        targets[earlier] = 0  # an overlapping chunk's earlier targets belong to the chunks before it
         return TrainRows(inputs, targets, length.astype(np.int32))
     # prefixes: target index t = 1..m-1 (0-based), inputs [max(0, t - S), t)
     user, t = _expand(np.maximum(m - 1, 0), reverse=False)
@@ -142,7 +162,8 @@ def train_rows(split: LeaveOneOut, max_len: int, mode: str, objective: str) -> T
     length = np.minimum(t, s)
     inputs = _gather(split.data.items, base[user] + t - length, length, s)
     targets = np.zeros_like(inputs)
-    targets[np.arange(t.size), length - 1] = split.data.items[base[user] + t]
+    if objective == "next_item":
+        targets[np.arange(t.size), length - 1] = split.data.items[base[user] + t]
     return TrainRows(inputs, targets, length.astype(np.int32))
 
 
@@ -175,21 +196,34 @@ class TrainBatches:
     The last partial batch is padded with all-zero rows (length 0, no targets). For ``cloze``
     each valid position of a batch is selected with probability ``mask_prob`` (at least one per
     non-empty row); selected positions get ``targets = item`` and the input becomes [MASK]
-    (``num_items + 1``) with probability 0.8, a uniform random item with 0.1, or stays with
-    0.1. Every batch is a pure function of (seed, epoch, batch index), so a resumed run can
-    start mid-epoch with ``epoch(e, start=b)``.
+    (``num_items + 1``), with ``mask_replace="bert"`` only with probability 0.8 (0.1 a uniform
+    random item, 0.1 kept). With probability ``mask_last_prob`` a batch instead selects each
+    row's last valid position only, always replaced by [MASK] (RecBole's BERT4Rec
+    "fine-tuning" batches, ``ft_ratio``): the evaluation task. Such a batch first cuts each
+    window's end back by a uniform ``0..spans - 1`` items (:class:`TrainRows`), so every
+    training item, not only each window's last, can be the last-item target, with the context
+    RecBole's prefix row for it has (``S - k`` items or more on a long user's windows of stride
+    ``k``); prefix rows are not cut. Every batch is a pure function
+    of (seed, epoch, batch index), so a resumed run can start mid-epoch with
+    ``epoch(e, start=b)``.
     """
 
     def __init__(self, rows: TrainRows, batch_size: int, *, seed: int, objective: str,
-                 num_items: int, mask_prob: float = 0.2):
+                 num_items: int, mask_prob: float = 0.2, mask_replace: str = "bert",
+                 mask_last_prob: float = 0.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if objective == "cloze" and not 0.0 < mask_prob <= 1.0:
             raise ConfigError(f"data.sequences.mask_prob must lie in (0, 1], got {mask_prob}")
+        if not 0.0 <= mask_last_prob <= 1.0:
+            raise ConfigError(f"data.sequences.mask_last_prob must lie in [0, 1], got {mask_last_prob}")
+        if mask_replace not in ("bert", "mask"):
+            raise ConfigError(f"data.sequences.mask_replace must be 'bert' or 'mask', got {mask_replace!r}")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.objective, self.num_items, self.mask_prob = objective, num_items, mask_prob
+        self.mask_replace, self.mask_last_prob = mask_replace, mask_last_prob
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
@@ -211,15 +245,26 @@ class TrainBatches:
         take = order[index * self.batch_size : (index + 1) * self.batch_size]
         pad = self.batch_size - take.size
         inputs = np.pad(self.rows.inputs[take], ((0, pad), (0, 0)))
+        spans = None if self.rows.spans is None else np.pad(self.rows.spans[take], (0, pad), constant_values=1)
         targets = np.pad(self.rows.targets[take], ((0, pad), (0, 0)))
         lengths = np.pad(self.rows.lengths[take], (0, pad))
         if self.objective == "cloze":
-            inputs, targets = self._mask(inputs, lengths, _rng(self.seed, 2, epoch, index))
+            inputs, targets, lengths = self._mask(inputs, lengths, spans, _rng(self.seed, 2, epoch, index))
         return {"inputs": inputs, "targets": targets, "lengths": lengths}
 
-    def _mask(self, inputs: np.ndarray, lengths: np.ndarray, rng: np.random.Generator):
+    def _mask(self, inputs: np.ndarray, lengths: np.ndarray, spans: np.ndarray | None,
+              rng: np.random.Generator):
         b, s = inputs.shape
-        valid = np.arange(s)[None, :] < lengths[:, None]
+        cols = np.arange(s)[None, :]
+        if self.mask_last_prob > 0 and rng.random() < self.mask_last_prob:
+            if spans is not None:
+                cut = (rng.random(b) * spans).astype(lengths.dtype)
+                lengths = np.where(lengths > 0, np.maximum(lengths - cut, 1), 0).astype(lengths.dtype)
+                inputs = np.where(cols < lengths[:, None], inputs, 0)
+            last = cols == (lengths - 1)[:, None]
+            targets = np.where(last, inputs, 0).astype(np.int32)
+            return np.where(last, self.num_items + 1, inputs).astype(np.int32), targets, lengths
+        valid = cols < lengths[:, None]
         selected = (rng.random((b, s)) < self.mask_prob) & valid
         forced = (rng.random(b) * lengths).astype(np.int64)  # one position of each row, if none drawn
         empty = ~selected.any(axis=1) & (lengths > 0)
@@ -227,8 +272,9 @@ class TrainBatches:
         action = rng.random((b, s))
         random_items = rng.integers(1, self.num_items + 1, size=(b, s), dtype=np.int32)
         targets = np.where(selected, inputs, 0).astype(np.int32)
-        masked = np.where(action < 0.8, self.num_items + 1, np.where(action < 0.9, random_items, inputs))
-        return np.where(selected, masked, inputs).astype(np.int32), targets
+        keep_mask = 1.0 if self.mask_replace == "mask" else 0.8
+        masked = np.where(action < keep_mask, self.num_items + 1, np.where(action < 0.9, random_items, inputs))
+        return np.where(selected, masked, inputs).astype(np.int32), targets, lengths
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -247,7 +293,8 @@ class EvalRows:
         return int(self.users.shape[0])
 
 
-def eval_rows(split: LeaveOneOut, which: str, max_len: int, *, append_mask: bool) -> EvalRows:
+def eval_rows(split: LeaveOneOut, which: str, max_len: int, *, append_mask: bool,
+              drop_first: bool = False) -> EvalRows:
     """Validation (``which="valid"``) or test (``"test"``) rows of the kept users."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
@@ -256,7 +303,10 @@ def eval_rows(split: LeaveOneOut, which: str, max_len: int, *, append_mask: bool
     data = split.data
     base = data.offsets[split.users]
     history = data.lengths[split.users] - (2 if which == "valid" else 1)
-    keep = np.minimum(history, max_len - 1 if append_mask else max_len)
+    if append_mask and drop_first:
+        keep = np.minimum(history - 1, max_len - 1)
+    else:
+        keep = np.minimum(history, max_len - 1 if append_mask else max_len)
     inputs = _gather(data.items, base + history - keep, keep, max_len)
     lengths = keep
     if append_mask:

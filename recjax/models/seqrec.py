@@ -11,7 +11,16 @@ Shapes: ``B`` batch, ``S`` sequence length (``<= max_len``), ``d = hidden``, ``H
     h[t]   = LN_f(x_L)[t] if t < n_b else 0                           encode() -> [B, S, d]
     logits = h E_out^T + b_out                                        item_logits() -> [..., V]
 
-with ``E_out = E`` (``tie_embeddings``) or a separate ``[V, d]`` table. Attention per head
+or, with ``norm: post`` (RecBole's SASRec and BERT4Rec: LayerNorm after each residual sum and
+on the embedding sum, no final LayerNorm)::
+
+    x_0 = dropout(LN_e(E[i_t] + P[t]))
+    a_l = LN_1(x_{l-1} + dropout(W_o Attn(x_{l-1}) + b_o))
+    x_l = LN_2(a_l + dropout(W_2 gelu(W_1 a_l + b_1) + b_2));        h = x_L
+
+``output_head: ffn`` (RecBole's BERT4Rec) maps ``h <- LN_h(gelu(W_h h + b_h))`` before scoring;
+``output_bias: false`` (RecBole's SASRec) drops ``b_out``. ``E_out = E``
+(``tie_embeddings``) or a separate ``[V, d]`` table. Attention per head
 over the valid keys ``s < n_b`` (and ``s <= t`` when ``causal``):
 
 - ``softmax`` (SASRec, BERT4Rec): ``softmax(q k^T / sqrt(d_h)) v``, dropout
@@ -27,15 +36,16 @@ Cotten4Rec cosine + bidirectional + cloze.
 
 Choices (not fixed by the sources; each is the simplest faithful option):
 
-- Pre-LN blocks with a final LayerNorm for all four (MODELS.md). RecBole's SASRec and
-  BERT4Rec are post-LN (LayerNorm after each residual sum and on the embedding sum); there
-  is no LayerNorm on the embedding sum here.
+- Pre-LN blocks with a final LayerNorm by default (MODELS.md); ``configs/models/
+  {sasrec,bert4rec}_recbole.yaml`` set RecBole's post-LN, output head and bias, and the
+  ML-100k experiments use them (the ablation in ``notebooks/results/seqrec_ml100k_ablation.md``
+  measures each difference).
 - Dropout sits where RecBole puts it: on the embedding sum and on each residual branch
   (``dropout``), and on the softmax probabilities (``attn_dropout``). Linear attention has no
   probability matrix, so ``attn_dropout`` does not apply to it.
 - GELU is the exact (erf) form, as in RecBole. Projections q, k, v, o have biases; all
   weights are ``N(0, init_std)``, biases 0, LayerNorm scale 1.
-- The output bias ``b_out [V]`` is used for every objective (RecBole's SASRec has none).
+- The output bias ``b_out [V]`` is on by default (``output_bias``; RecBole's SASRec has none).
 - LinRec is causal here (``causal`` is a key): the paper's SASRec-based setting.
 - ``max_len`` is the size of the position table; shorter inputs use its first ``S`` rows.
 
@@ -90,6 +100,9 @@ class SeqRecConfig(ModelConfig):
     causal: bool = True
     objective: Literal["next_item", "cloze"] = "next_item"
     tie_embeddings: bool = True
+    norm: Literal["pre", "post"] = "pre"  # pre-LN + final LN, or RecBole's post-LN + embedding LN
+    output_head: Literal["none", "ffn"] = "none"  # ffn: BERT4Rec's LN(gelu(W h + b)) before scoring
+    output_bias: bool = True  # b_out over the item table (RecBole: BERT4Rec yes, SASRec no)
     loss: Literal["full", "sampled"] = "full"  # next_item: softmax over all items, or sampled
     num_sampled: int = 100  # loss: sampled -- uniform negatives per batch
     sampled_loss: Literal["ce", "bce"] = "ce"  # softmax over target + negatives, or per-item BCE
@@ -203,11 +216,12 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN transformer block: attention and FFN residual branches."""
+    """Transformer block: attention and FFN residual branches, pre-LN or post-LN (``norm``)."""
 
     def __init__(self, mcfg: SeqRecConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, eps, std = mcfg.hidden, mcfg.layer_norm_eps, mcfg.init_std
         self.rate = mcfg.dropout
+        self.post = mcfg.norm == "post"
         self.norm_attn = _layer_norm(d, eps, dtype, rngs)
         self.attn = Attention(mcfg, dtype, rngs)
         self.norm_ffn = _layer_norm(d, eps, dtype, rngs)
@@ -215,9 +229,14 @@ class Block(nnx.Module):
         self.ffn_out = _linear(mcfg.inner, d, ("mlp", "embed"), std, dtype, rngs)
 
     def __call__(self, x: jax.Array, lengths: jax.Array, rng: jax.Array | None) -> jax.Array:
+        if self.post:  # RecBole: LN(x + dropout(branch(x))) for both branches
+            x = self.norm_attn(x + dropout(self.attn(x, lengths, _key(rng, 0)), self.rate, _key(rng, 1)))
+            return self.norm_ffn(x + dropout(self._ffn(x), self.rate, _key(rng, 2)))
         x = x + dropout(self.attn(self.norm_attn(x), lengths, _key(rng, 0)), self.rate, _key(rng, 1))
-        y = self.ffn_out(jax.nn.gelu(self.ffn_in(self.norm_ffn(x)), approximate=False))
-        return x + dropout(y, self.rate, _key(rng, 2))
+        return x + dropout(self._ffn(self.norm_ffn(x)), self.rate, _key(rng, 2))
+
+    def _ffn(self, x: jax.Array) -> jax.Array:
+        return self.ffn_out(jax.nn.gelu(self.ffn_in(x), approximate=False))
 
 
 class SeqRec(nnx.Module):
@@ -242,11 +261,17 @@ class SeqRec(nnx.Module):
             normal(rngs.params(), (max_len, d), jnp.float32), out_sharding=(None, "embed")
         )
         self.blocks = nnx.List([Block(mcfg, dtype, rngs) for _ in range(mcfg.num_layers)])
-        self.final_norm = _layer_norm(d, mcfg.layer_norm_eps, dtype, rngs)
+        eps = mcfg.layer_norm_eps
+        # pre-LN normalises the last block's output; post-LN normalises the embedding sum
+        self.final_norm = _layer_norm(d, eps, dtype, rngs) if mcfg.norm == "pre" else None
+        self.embed_norm = _layer_norm(d, eps, dtype, rngs) if mcfg.norm == "post" else None
+        self.head = _linear(d, d, ("embed", None), std, dtype, rngs) if mcfg.output_head == "ffn" else None
+        self.head_norm = _layer_norm(d, eps, dtype, rngs) if mcfg.output_head == "ffn" else None
         self.output_embedding = None if mcfg.tie_embeddings else EmbeddingTable(
             normal(rngs.params(), (rows, d), jnp.float32), out_sharding=("table_rows", "embed")
         )
-        self.output_bias = nnx.Param(jnp.zeros((rows,), jnp.float32), out_sharding=("table_rows",))
+        self.output_bias = nnx.Param(
+            jnp.zeros((rows,), jnp.float32), out_sharding=("table_rows",)) if mcfg.output_bias else None
 
     @property
     def mask_id(self) -> int:
@@ -269,16 +294,23 @@ class SeqRec(nnx.Module):
         lengths = lengths.astype(jnp.int32)
         emb = gather_rows(self.item_embedding[...], inputs.reshape(-1)).reshape(*inputs.shape, -1)
         x = emb + self.position_embedding[...][:s]
-        x = dropout(x.astype(self.dtype), self.rate, _key(rng, 0))
+        x = x.astype(self.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = dropout(x, self.rate, _key(rng, 0))
         for i, block in enumerate(self.blocks):
             x = block(x, lengths, _key(rng, i + 1))
-        h = self.final_norm(x)
+        h = x if self.final_norm is None else self.final_norm(x)
+        if self.head is not None:
+            h = self.head_norm(jax.nn.gelu(self.head(h), approximate=False))
         return jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[..., None], h, 0.0).astype(self.dtype)
 
     def output_rows(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Output vectors ``[..., d]`` and biases ``[...]`` of item ``ids`` (sampled scoring)."""
         table = self.item_embedding if self.output_embedding is None else self.output_embedding
         vecs = gather_rows(table[...], ids.reshape(-1)).reshape(*ids.shape, -1)
+        if self.output_bias is None:
+            return vecs, jnp.zeros(ids.shape, jnp.float32)
         return vecs, jnp.take(self.output_bias[...], ids, axis=0)
 
     def item_logits(self, h: jax.Array) -> jax.Array:
@@ -289,7 +321,7 @@ class SeqRec(nnx.Module):
             "...d,vd->...v", h.astype(self.dtype), table[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
-        return logits + self.output_bias[...]
+        return logits if self.output_bias is None else logits + self.output_bias[...]
 
 
 def build(cfg: Config, info: Any, dtype: jnp.dtype, rngs: nnx.Rngs) -> SeqRec:
@@ -309,8 +341,9 @@ def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
     Per layer: projections ``8 S d^2``; FFN ``4 S d inner``; attention ``4 S^2 d`` (softmax:
     scores and weighted sum over the full S x S, as computed), ``4 S d d_h`` (linear,
     non-causal: ``phi_k^T v`` and ``phi_q state``) or ``4 S d d_h + 4 S c d`` (linear, causal,
-    chunk ``c = min(64, S)``: the XLA path's intra-chunk products). Output: ``2 P d V`` over
-    ``P = output_positions`` (default ``S``; 1 for a scoring or prefix pass) and ``V`` ids.
+    chunk ``c = min(64, S)``: the XLA path's intra-chunk products). Output head
+    (``output_head: ffn``): ``2 S d^2``. Output: ``2 P d V`` over ``P = output_positions``
+    (default ``S``; 1 for a scoring or prefix pass) and ``V`` ids.
     """
     s, d, dh = seq_len, mcfg.hidden, mcfg.hidden // mcfg.num_heads
     if mcfg.attention == "softmax":
@@ -319,7 +352,8 @@ def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
         attn = 4.0 * s * d * dh + (4.0 * s * min(64, s) * d if mcfg.causal else 0.0)
     per_layer = 8.0 * s * d * d + 4.0 * s * d * mcfg.inner + attn
     p = s if output_positions is None else output_positions
-    return mcfg.num_layers * per_layer + 2.0 * p * d * (num_items + 2)
+    head = 2.0 * s * d * d if mcfg.output_head == "ffn" else 0.0
+    return mcfg.num_layers * per_layer + head + 2.0 * p * d * (num_items + 2)
 
 
 def forward_flops(cfg: Config, info: Any) -> float:

@@ -135,14 +135,15 @@ class SeqRecTask(Task):
     @functools.cached_property
     def batches(self) -> sp.TrainBatches:
         s = self.cfg.data.sequences
-        rows = sp.train_rows(self.split, s.max_len, s.train_rows, self.mcfg.objective)
+        rows = sp.train_rows(self.split, s.max_len, s.train_rows, self.mcfg.objective, s.window_stride)
         if len(rows.lengths) == 0:
             raise DataError(
                 f"{s.path or 'the synthetic generator'}: no training rows; every user's training "
                 "part (all but the last two items) is too short. Use longer sequences.")
         return sp.TrainBatches(rows, self.cfg.data.global_batch, seed=self.cfg.seed,
                                objective=self.mcfg.objective, num_items=self.data.num_items,
-                               mask_prob=s.mask_prob)
+                               mask_prob=s.mask_prob, mask_replace=s.mask_replace,
+                               mask_last_prob=s.mask_last_prob)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -174,7 +175,8 @@ class SeqRecTask(Task):
     @functools.cache  # noqa: B019  (one task per run; the split's rows are built once)
     def eval_split(self, which: str) -> EvalSplit:
         rows = sp.eval_rows(self.split, which, self.cfg.data.sequences.max_len,
-                            append_mask=self.mcfg.objective == "cloze")
+                            append_mask=self.mcfg.objective == "cloze",
+                            drop_first=self.cfg.data.sequences.eval_drop_first)
         r = self.cfg.ranking
         negatives = history = None
         if r.protocol == "sampled":
