@@ -130,3 +130,19 @@ def test_bench_types_match_the_model_presets():
     for name, (attention, causal, objective) in BENCH_TYPES.items():
         m = load_config(CONFIG_DIR / "models" / f"{name}.yaml").model
         assert (m.attention, m.causal, m.objective) == (attention, causal, objective), name
+
+
+def test_gpu_preset_sets_gpu_sizes_and_flags_still_win(tmp_path):
+    """`--gpu` is the one command for a lent GPU; here compile-only (--memory-cap-gb 0) on CPU."""
+    from recjax.bench.seqrec import GPU
+
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "seqrec", "--gpu", "--types", "linrec", "--lengths", "32", "--memory-cap-gb", "0",
+                 "--isolate", "no", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["lengths"] == [32]  # given flag wins
+    for key in ("batch", "num_items", "hidden", "layers", "inner", "iters", "warmup"):
+        assert doc["config"][key] == GPU[key], key
+    (row,) = doc["rows"]
+    assert row["compiled_memory_bytes"] > 0 and "median_step_s" not in row  # over the cap: compiled only
+    assert main(["bench", "seqrec", "--gpu", "--quick"]) == 2

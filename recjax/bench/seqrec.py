@@ -70,6 +70,10 @@ DEFAULTS = {"lengths": [50, 100, 200, 500, 1000, 2000], "batch": 16, "num_items"
             "hidden": 64, "layers": 2, "heads": 2, "inner": 256, "iters": 10, "warmup": 2}
 QUICK = {"lengths": [32, 128, 256], "batch": 2, "num_items": 50, "hidden": 16, "layers": 1,
          "heads": 2, "inner": 64, "iters": 1, "warmup": 1}
+# one H100/H200 in a few minutes: ML-100k's sizes at GPU batch and lengths to 16k (softmax rows
+# past the memory cap are compiled, not run); bf16 compute via `train.compute_dtype=bfloat16`
+GPU = {"lengths": [256, 1024, 4096, 16384], "batch": 64, "num_items": 1682, "hidden": 64,
+       "layers": 2, "heads": 2, "inner": 256, "iters": 20, "warmup": 3}
 _ROW_PREFIX = "SEQREC_ROW "  # a child process's result lines (--isolate)
 
 
@@ -92,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny defaults for a smoke test (flags given still win): "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU-sized defaults (flags given still win; one command for a lent GPU: "
+                        "recjax bench seqrec --gpu --out DIR/bench_seqrec_gpu.json): "
+                        + ", ".join(f"{k}={v}" for k, v in GPU.items()))
     p.add_argument("--fit-last", type=int, default=3,
                    help="how many of the largest lengths the log-log fit uses")
     p.add_argument("--memory-cap-gb", type=float, default=None,
@@ -113,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
         for spec in json.loads(args.rows):
             print(_ROW_PREFIX + json.dumps(measure_row(spec, cache)), flush=True)
         return 0
+    if args.quick and args.gpu:
+        raise ConfigError("recjax bench seqrec: choose one of --quick and --gpu")
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
-            setattr(args, key, QUICK[key] if args.quick else value)
+            setattr(args, key, QUICK[key] if args.quick else GPU[key] if args.gpu else value)
     _validate(args)
     if args.isolate != "no" and "jax" not in sys.modules:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave it to the children
