@@ -1,16 +1,32 @@
-"""Train SASRec, BERT4Rec, LinRec and Cotten4Rec on MovieLens-100k over a few seeds; tabulate.
+"""Sequential recommenders on MovieLens-100k: the model table, the RecBole ablation, and the
+Cotten4Rec vs BERT4Rec comparison, each over seeds, through ``recjax train``.
 
-Each run is ``recjax train --config configs/experiments/<model>_ml100k.yaml`` (one backbone,
-RecBole's SASRec sizes, leave-one-out, full ranking over all items without history masking,
-early stopping on validation NDCG@10) with ``data.sequences.path`` pointing at a directory
-written by ``recjax data prepare``. Every run's ``report.json`` is collected; per model the
-mean and standard deviation over seeds of test HR@10 / NDCG@10, epochs, training
-sequences/s and wall time to the validation-selected best epoch go to
-``notebooks/results/<tag>.json`` and ``.md``::
+Every run is ``recjax train --config configs/experiments/<model>_ml100k.yaml`` (RecBole's
+SASRec / BERT4Rec as the ``*_recbole`` model presets build them; LinRec and Cotten4Rec swap
+the attention of those two; leave-one-out, full ranking over all items without history
+masking, early stopping on validation NDCG@10) with ``data.sequences.path`` pointing at a
+directory written by ``recjax data prepare``, plus the overrides of its variant. Runs live in
+``runs/seqrec_ml100k/<model>[_<variant>]_seed<seed>`` and are shared by the studies
+(``--reuse`` keeps finished ones)::
 
-    recjax data prepare ml-100k.inter /tmp/ml-100k      # RecBole's file, or MovieLens' u.data
-    .venv/bin/python notebooks/seqrec_ml100k.py --data /tmp/ml-100k --seeds 0 1 2
-    .venv/bin/python notebooks/seqrec_ml100k.py --data /tmp/ml-100k --runs sasrec:0 bert4rec:1 --reuse
+    recjax data prepare ml-100k.inter data/prepared/ml-100k   # RecBole's file, or MovieLens' u.data
+    python notebooks/seqrec_ml100k.py --data data/prepared/ml-100k --seeds 0 1 2 --models sasrec bert4rec
+    python notebooks/seqrec_ml100k.py --data data/prepared/ml-100k --runs linrec:0 linrec:1 --reuse
+    python notebooks/seqrec_ml100k.py --data data/prepared/ml-100k --study ablation --seeds 0 1 2
+    python notebooks/seqrec_ml100k.py --data data/prepared/ml-100k --study cotten4rec --seeds 0 1 2
+
+Studies (results in ``notebooks/results/<tag>.{json,md}``):
+
+- ``models`` (``seqrec_ml100k``): test HR@10 / NDCG@10 / MRR of the validation-selected epoch,
+  best epoch, sequences/s and wall time to the best epoch, mean and std over seeds.
+- ``ablation`` (``seqrec_ml100k_ablation``): each RecBole difference switched back to the
+  pre-LN recjax default alone, and all of them together, with the change of the test and
+  validation NDCG@10 means against the preset.
+- ``cotten4rec`` (``seqrec_ml100k_cotten4rec``): BERT4Rec and Cotten4Rec (the same model with
+  cosine linear attention) in RecBole's setting and with the paper's hyper-parameters
+  (MODELS.md section 4), each scored under full ranking and 100 uniform sampled negatives
+  (``recjax eval`` of the best checkpoint), with 95% intervals over seeds of both means and
+  of their relative difference.
 
 Runs go one at a time, so the sequences/s of each are measured on an otherwise idle machine
 (as far as this script controls it).
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -31,22 +48,88 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ("sasrec", "bert4rec", "linrec", "cotten4rec")
 KEYS = ("hr@10", "ndcg@10", "mrr")
 
+# The ablation's variants, each a full assignment of the keys in which RecBole (configs/models/
+# <model>_recbole.yaml) and the recjax default (configs/models/<model>.yaml) differ, on the
+# experiment config's data, optimiser and batches: RecBole's model on plain windows, RecBole with
+# one difference switched to the recjax default ("recbole+..."), RecBole's SASRec on overlapping
+# windows, the recjax default, and the experiment config itself (the `models` study's runs).
+SASREC_KEYS = ("model.norm", "model.output_bias", "data.sequences.window_stride")
+BERT4REC_KEYS = ("model.norm", "model.output_head", "data.sequences.mask_replace",
+                 "data.sequences.mask_last_prob", "data.sequences.eval_drop_first", "data.sequences.window_stride")
 
-def run(model: str, seed: int, data: str, tag: str, overrides: list[str], reuse: bool) -> dict:
-    run_dir = REPO / "runs" / tag / f"{model}_seed{seed}"
-    if reuse and (run_dir / "report.json").is_file():
-        print(f"reusing {run_dir / 'report.json'}", flush=True)
-        return _row(model, seed, json.loads((run_dir / "report.json").read_text()))
-    cmd = [sys.executable, "-m", "recjax.cli", "train", "--config", f"configs/experiments/{model}_ml100k.yaml",
-           f"data.sequences.path={data}", f"seed={seed}", f"run_dir={run_dir}", "train.resume=false", "--overwrite",
-           "train.tensorboard=false", *overrides]
+
+def _assign(keys: tuple[str, ...], values: tuple) -> list[str]:
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, values, strict=True)]
+
+
+ABLATIONS: dict[str, dict[str, list[str]]] = {
+    "sasrec": {name: _assign(SASREC_KEYS, values) for name, values in {
+        "recbole": ("post", False, 0),
+        "recbole+pre_ln": ("pre", False, 0),
+        "recbole+output_bias": ("post", True, 0),
+        "recbole_on_overlapping_windows": ("post", False, 10),
+        "recjax_default": ("pre", True, 0),
+    }.items()},
+    "bert4rec": {name: _assign(BERT4REC_KEYS, values) for name, values in {
+        "recbole": ("post", "ffn", "mask", 0.5, True, 0),
+        "recbole+pre_ln": ("pre", "ffn", "mask", 0.5, True, 0),
+        "recbole+no_output_head": ("post", "none", "mask", 0.5, True, 0),
+        "recbole+mask_80_10_10": ("post", "ffn", "bert", 0.5, True, 0),
+        "recbole+no_last_item_batches": ("post", "ffn", "mask", 0.0, True, 0),
+        "recbole+eval_keeps_first_item": ("post", "ffn", "mask", 0.5, False, 0),
+        "recjax_default": ("pre", "none", "bert", 0.0, False, 0),
+    }.items()},
+}
+# Cotten4Rec paper (MODELS.md section 4): hidden 128, 2 blocks, 2 heads, max_len 100, dropout 0.1,
+# AdamW lr 1e-3 wd 1e-3, 10% warm-up then linear decay, batch 128, clip 1.0 -- over a fixed
+# PAPER_EPOCHS (the schedule needs a length), still validation-selected.
+PAPER_EPOCHS = 60
+PAPER = ["model.hidden=128", "model.num_layers=2", "model.num_heads=2", "model.inner=512",
+         "data.sequences.max_len=100", "model.dropout=0.1", "model.attn_dropout=0.1",
+         "optim.dense.name=adamw", "optim.dense.lr=0.001", "optim.dense.weight_decay=0.001",
+         "optim.embedding.name=adamw", "optim.embedding.lr=0.001", "optim.embedding.weight_decay=0.001",
+         "optim.decay=linear", "optim.min_lr_ratio=0.0", "optim.grad_clip_norm=1.0",
+         "data.global_batch=128", f"train.epochs={PAPER_EPOCHS}", "train.patience=0"]
+SAMPLED = ["ranking.protocol=sampled", "ranking.num_negatives=100", "ranking.negatives=uniform"]
+
+
+def run_dir(model: str, variant: str, seed: int) -> pathlib.Path:
+    name = model if variant in ("", "experiment") else f"{model}_{variant}"
+    return REPO / "runs" / "seqrec_ml100k" / f"{name}_seed{seed}"
+
+
+def train(model: str, variant: str, seed: int, data: str, overrides: list[str], reuse: bool) -> dict:
+    """Train one run (or reuse its report.json) and return the fields the tables use."""
+    out = run_dir(model, variant, seed)
+    if not (reuse and (out / "report.json").is_file()):
+        cmd = [sys.executable, "-m", "recjax.cli", "train", "--config", f"configs/experiments/{model}_ml100k.yaml",
+               f"data.sequences.path={data}", f"seed={seed}", f"run_dir={out}", "train.resume=false",
+               "--overwrite", "train.tensorboard=false", *overrides]
+        print("$", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
+    else:
+        print(f"reusing {out / 'report.json'}", flush=True)
+    row = _row(model, seed, json.loads((out / "report.json").read_text()))
+    return row | {"variant": variant or "experiment", "overrides": overrides}
+
+
+def evaluate(model: str, variant: str, seed: int, data: str, overrides: list[str], reuse: bool) -> dict:
+    """``recjax eval`` of a finished run's best checkpoint with extra (protocol) overrides."""
+    out = run_dir(model, variant, seed)
+    cache = out / ("eval_" + "_".join(o.split("=")[1] for o in overrides) + ".json")
+    if reuse and cache.is_file():
+        return json.loads(cache.read_text())
+    cmd = [sys.executable, "-m", "recjax.cli", "eval", "--config", f"configs/experiments/{model}_ml100k.yaml",
+           f"data.sequences.path={data}", f"seed={seed}", f"run_dir={out}", "train.tensorboard=false", *overrides]
     print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return _row(model, seed, json.loads((run_dir / "report.json").read_text()))
+    res = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    cache.write_text(json.dumps(result))
+    return result
 
 
 def _row(model: str, seed: int, report: dict) -> dict:
-    """The fields of one run that the table uses (report.json of `recjax train`)."""
+    """The fields of one run that the tables use (report.json of `recjax train`)."""
     spe = report["data"]["batches_per_epoch"]
     return {
         "model": model, "seed": seed, "model_config": report["model"],
@@ -61,95 +144,192 @@ def _row(model: str, seed: int, report: dict) -> dict:
     }
 
 
+def stats(values: list[float]) -> dict:
+    """Mean, sample std and the 95% t-interval half-width of the mean."""
+    v = np.asarray(values, dtype=float)
+    std = float(v.std(ddof=1)) if v.size > 1 else None
+    half = float(T95.get(v.size - 1, 1.96) * std / math.sqrt(v.size)) if std is not None else None
+    return {"mean": float(v.mean()), "std": std, "ci95": half, "values": list(values)}
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == model]
-        entry = {"model": model, "attention": rs[0]["model_config"]["attention"], "seeds": [r["seed"] for r in rs]}
+    for key in dict.fromkeys((r["model"], r["variant"]) for r in rows):
+        rs = [r for r in rows if (r["model"], r["variant"]) == key]
+        entry = {"model": key[0], "variant": key[1], "attention": rs[0]["model_config"]["attention"],
+                 "seeds": [r["seed"] for r in rs]}
         series = {f"test_{k}": [r["test"][k] for r in rs] for k in KEYS}
         series |= {f"valid_{k}": [r["valid"][k] for r in rs] for k in KEYS}
-        series |= {
-            "best_epoch": [r["best_epoch"] for r in rs],
-            "epochs_run": [r["epochs_run"] for r in rs],
-            "train_sequences_per_s": [r["train_sequences_per_s"] for r in rs],
-            "wall_time_to_best_s": [r["wall_time_to_best_s"] for r in rs],
-            "wall_time_total_s": [r["wall_time_total_s"] for r in rs],
-        }
-        for name, values in series.items():
-            v = np.asarray(values, dtype=float)
-            entry[name] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None,
-                           "values": values}
+        series |= {k: [r[k] for r in rs] for k in ("best_epoch", "epochs_run", "train_sequences_per_s",
+                                                   "wall_time_to_best_s", "wall_time_total_s")}
+        entry |= {name: stats(values) for name, values in series.items()}
         out.append(entry)
     return out
 
 
-def markdown(doc: dict) -> str:
-    def ms(x: dict, fmt: str) -> str:
-        return format(x["mean"], fmt) + (f" ± {format(x['std'], fmt)}" if x["std"] is not None else "")
+def _ms(x: dict, fmt: str) -> str:
+    return format(x["mean"], fmt) + (f" ± {format(x['std'], fmt)}" if x["std"] is not None else "")
 
-    lines = [
-        f"MovieLens-100k ({doc['data']['users']} users, {doc['data']['items']} items, "
-        f"{doc['data']['interactions']:,} interactions); protocol: {doc['protocol']}. "
-        f"Mean ± std over seeds; {doc['device']}.",
-        "",
-        "| model | attention | seeds | test HR@10 | test NDCG@10 | test MRR | best epoch | epochs run "
-        "| train seq/s | wall to best (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+
+def _header(doc: dict) -> str:
+    d = doc["data"]
+    return (f"MovieLens-100k ({d['users']} users, {d['items']} items, {d['interactions']:,} interactions); "
+            f"protocol: {doc['protocol']}. Mean ± std over seeds; {doc['device']}.")
+
+
+def markdown_models(doc: dict) -> str:
+    lines = [_header(doc), "",
+             "| model | attention | seeds | test HR@10 | test NDCG@10 | test MRR | best epoch | epochs run "
+             "| train seq/s | wall to best (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in doc["summary"]:
         lines.append(
-            f"| {s['model']} | {s['attention']} | {len(s['seeds'])} | {ms(s['test_hr@10'], '.4f')} | "
-            f"{ms(s['test_ndcg@10'], '.4f')} | {ms(s['test_mrr'], '.4f')} | {ms(s['best_epoch'], '.0f')} | "
-            f"{ms(s['epochs_run'], '.0f')} | {ms(s['train_sequences_per_s'], '.0f')} | "
-            f"{ms(s['wall_time_to_best_s'], '.0f')} |")
+            f"| {s['model']} | {s['attention']} | {len(s['seeds'])} | {_ms(s['test_hr@10'], '.4f')} | "
+            f"{_ms(s['test_ndcg@10'], '.4f')} | {_ms(s['test_mrr'], '.4f')} | {_ms(s['best_epoch'], '.0f')} | "
+            f"{_ms(s['epochs_run'], '.0f')} | {_ms(s['train_sequences_per_s'], '.0f')} | "
+            f"{_ms(s['wall_time_to_best_s'], '.0f')} |")
     pop = doc["popularity_test"]
     lines += ["", f"Popularity baseline (test): HR@10 {pop['hr@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}."]
-    if "cotten4rec_vs_bert4rec" in doc:
-        c = doc["cotten4rec_vs_bert4rec"]
-        lines.append(f"Cotten4Rec vs BERT4Rec test NDCG@10 (means): {c['relative_difference']:+.1%}.")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_ablation(doc: dict) -> str:
+    lines = [_header(doc), "",
+             "`recbole`: RecBole's model (configs/models/<model>_recbole.yaml) on non-overlapping windows; "
+             "`recbole+X`: with one difference X switched to the recjax default; "
+             "`recbole_on_overlapping_windows`: RecBole's model on windows of stride 10; `recjax_default`: "
+             "configs/models/<model>.yaml; `experiment`: configs/experiments/<model>_ml100k.yaml (the "
+             "model table). Δ: difference of the means against `recbole`, ± the 95% interval of that "
+             "difference over seeds. Same data, optimiser and batches throughout; validation-selected.", "",
+             "| model | variant | seeds | test NDCG@10 | Δ test | valid NDCG@10 | Δ valid | best epoch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    base = {s["model"]: s for s in doc["summary"] if s["variant"] == "recbole"}
+
+    def delta(s: dict, key: str) -> str:
+        b = base[s["model"]]
+        if s["variant"] == "recbole":
+            return "—"
+        d = s[key]["mean"] - b[key]["mean"]
+        ci = [x[key]["ci95"] for x in (s, b)]
+        return f"{d:+.4f}" + (f" ± {math.hypot(*ci):.4f}" if None not in ci else "")
+
+    for s in doc["summary"]:
+        lines.append(f"| {s['model']} | {s['variant']} | {len(s['seeds'])} | {_ms(s['test_ndcg@10'], '.4f')} | "
+                     f"{delta(s, 'test_ndcg@10')} | {_ms(s['valid_ndcg@10'], '.4f')} | {delta(s, 'valid_ndcg@10')} | "
+                     f"{_ms(s['best_epoch'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(bert: list[float], cotten: list[float]) -> dict:
+    """Relative difference of the means (Cotten4Rec - BERT4Rec) / BERT4Rec with a 95% interval
+    (delta method over the two independent seed samples), and the paper's "within 2%" verdict."""
+    b, c = stats(bert), stats(cotten)
+    rel = (c["mean"] - b["mean"]) / b["mean"]
+    out = {"bert4rec": b, "cotten4rec": c, "relative_difference": rel, "ci95": None, "within_2pct": "unresolved"}
+    if b["std"] is not None and c["std"] is not None:
+        se = math.sqrt((c["std"] ** 2 / len(cotten)) + (c["mean"] / b["mean"]) ** 2 * b["std"] ** 2 / len(bert)) / b["mean"]
+        half = T95.get(len(bert) + len(cotten) - 2, 1.96) * se
+        out["ci95"] = half
+        if rel - half >= -0.02:
+            out["within_2pct"] = "holds"  # Cotten4Rec is at most 2% below, with 95% confidence
+        elif rel + half < -0.02:
+            out["within_2pct"] = "refuted"
+    return out
+
+
+def markdown_cotten4rec(doc: dict) -> str:
+    lines = [_header(doc).replace(f"protocol: {doc['protocol']}. ", ""), "",
+             "Test NDCG@10 and HR@10 of the validation-selected checkpoint (selected on full-ranking "
+             "validation NDCG@10), mean ± 95% interval over seeds; relative difference Cotten4Rec vs BERT4Rec "
+             "with its 95% interval; the paper's claim is \"within 2%\".", "",
+             "| setting | protocol | metric | seeds | BERT4Rec | Cotten4Rec | Cotten4Rec vs BERT4Rec | within 2% |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for c in doc["comparisons"]:
+        def ci(x: dict) -> str:
+            return f"{x['mean']:.4f}" + (f" ± {x['ci95']:.4f}" if x["ci95"] is not None else "")
+        rel = f"{c['relative_difference']:+.1%}" + (f" ± {c['ci95']:.1%}" if c["ci95"] is not None else "")
+        lines.append(f"| {c['setting']} | {c['protocol']} | {c['metric']} | {len(c['bert4rec']['values'])} | "
+                     f"{ci(c['bert4rec'])} | {ci(c['cotten4rec'])} | {rel} | {c['within_2pct']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="directory written by `recjax data prepare` (ML-100k)")
+    ap.add_argument("--study", choices=("models", "ablation", "cotten4rec"), default="models")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--runs", nargs="+", default=None, metavar="MODEL:SEED",
-                    help="explicit runs instead of --models x --seeds, e.g. sasrec:0 bert4rec:1")
+                    help="models study: explicit runs instead of --models x --seeds, e.g. sasrec:0 linrec:1")
+    ap.add_argument("--settings", nargs="+", choices=("recbole", "paper"), default=["recbole", "paper"],
+                    help="cotten4rec study: which settings to run")
     ap.add_argument("--reuse", action="store_true", help="reuse runs that already wrote report.json")
-    ap.add_argument("--tag", default="seqrec_ml100k")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="tabulate the finished runs (report.json) among those planned; train none")
+    ap.add_argument("--tag", default=None, help="results file name (default: per study)")
+    ap.add_argument("--remark", default="", help="a line appended to the markdown (e.g. how the runs shared the machine)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
+    tag = args.tag or {"models": "seqrec_ml100k", "ablation": "seqrec_ml100k_ablation",
+                       "cotten4rec": "seqrec_ml100k_cotten4rec"}[args.study]
+    extra = args.overrides
 
-    plan = ([(m, int(s)) for m, s in (r.split(":") for r in args.runs)] if args.runs
-            else [(m, s) for m in args.models for s in args.seeds])
-    for m, _ in plan:
-        if m not in MODELS:
-            ap.error(f"unknown model {m!r} in --runs (choose from {', '.join(MODELS)})")
-    rows = [run(m, s, args.data, args.tag, args.overrides, args.reuse) for m, s in plan]
+    def one(model: str, variant: str, seed: int, overrides: list[str]) -> dict | None:
+        if args.finished_only and not (run_dir(model, variant, seed) / "report.json").is_file():
+            return None
+        return train(model, variant, seed, args.data, [*overrides, *extra], args.reuse or args.finished_only)
+
+    def finished(rows: list[dict | None]) -> list[dict]:
+        return [r for r in rows if r is not None]
+
+    doc: dict = {"command": "python notebooks/seqrec_ml100k.py " + " ".join(sys.argv[1:]),
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "overrides": extra}
+    if args.study == "models":
+        plan = ([(m, int(s)) for m, s in (r.split(":") for r in args.runs)] if args.runs
+                else [(m, s) for m in args.models for s in args.seeds])
+        for m, _ in plan:
+            if m not in MODELS:
+                ap.error(f"unknown model {m!r} in --runs (choose from {', '.join(MODELS)})")
+        rows = finished([one(m, "", s, []) for m, s in plan])
+    elif args.study == "ablation":
+        rows = finished([one(m, v, s, o) for m in args.models if m in ABLATIONS
+                         for v, o in {**ABLATIONS[m], "experiment": []}.items() for s in args.seeds])
+        doc["ablations"] = ABLATIONS
+    else:
+        rows, doc["comparisons"] = [], []
+        for setting, overrides in [(k, v) for k, v in (("recbole", []), ("paper", PAPER)) if k in args.settings]:
+            runs = {m: finished([one(m, "" if setting == "recbole" else setting, s, overrides) for s in args.seeds])
+                    for m in ("bert4rec", "cotten4rec")}
+            if not all(runs.values()):
+                continue
+            rows += runs["bert4rec"] + runs["cotten4rec"]
+            sampled = {m: [evaluate(m, "" if setting == "recbole" else setting, r["seed"], args.data,
+                                    [*overrides, *extra, *SAMPLED], args.reuse)["test"] for r in rs]
+                       for m, rs in runs.items()}
+            for protocol, tests in (("full", {m: [r["test"] for r in rs] for m, rs in runs.items()}),
+                                    ("sampled (100 uniform)", sampled)):
+                for metric in ("ndcg@10", "hr@10"):
+                    c = compare([t[metric] for t in tests["bert4rec"]], [t[metric] for t in tests["cotten4rec"]])
+                    doc["comparisons"].append({"setting": setting, "protocol": protocol, "metric": metric, **c})
+        doc["paper_overrides"] = PAPER
     first = rows[0]
-    doc = {
-        "command": "python notebooks/seqrec_ml100k.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": first["device"],
-        "versions": first["versions"],
-        "protocol": first["protocol"],
+    doc |= {
+        "device": first["device"], "versions": first["versions"], "protocol": first["protocol"],
         "data": {k: first["data"][k] for k in ("users", "items", "interactions", "max_len", "train_row_mode")},
-        "overrides": args.overrides,
         "popularity_test": first["data"]["popularity_baseline"]["test"],
-        "summary": summarise(rows),
-        "runs": rows,
+        "summary": summarise(rows), "runs": rows,
     }
-    by_model = {s["model"]: s for s in doc["summary"]}
-    if {"cotten4rec", "bert4rec"} <= by_model.keys():
-        b, c = by_model["bert4rec"]["test_ndcg@10"]["mean"], by_model["cotten4rec"]["test_ndcg@10"]["mean"]
-        doc["cotten4rec_vs_bert4rec"] = {"bert4rec_ndcg@10": b, "cotten4rec_ndcg@10": c,
-                                         "relative_difference": (c - b) / b}
+    doc["remark"] = args.remark
+    md = {"models": markdown_models, "ablation": markdown_ablation, "cotten4rec": markdown_cotten4rec}[args.study](doc)
+    if args.remark:
+        md += "\n" + args.remark + "\n"
     out = REPO / "notebooks" / "results"
-    (out / f"{args.tag}.json").write_text(json.dumps(doc, indent=1))
-    (out / f"{args.tag}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    (out / f"{tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{tag}.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,44 @@ def test_notebook_executes(name, expected, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images, "no figure was drawn"
+
+
+def _seqrec_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seqrec_ml100k", NOTEBOOKS / "seqrec_ml100k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seqrec_ablation_variants_switch_one_recbole_difference_each():
+    study = _seqrec_study()
+    for model, variants in study.ABLATIONS.items():
+        recbole = dict(o.split("=") for o in variants["recbole"])
+        default = dict(o.split("=") for o in variants["recjax_default"])
+        for name, overrides in variants.items():
+            changed = {k for k, v in (o.split("=") for o in overrides) if recbole[k] != v}
+            if name.startswith("recbole+"):
+                assert len(changed) == 1, (model, name, changed)
+                (key,) = changed
+                assert dict(o.split("=") for o in overrides)[key] == default[key], (model, name)
+        # every key in which the presets differ is switched by one variant
+        singles = {k for n, o in variants.items() if n.startswith("recbole+")
+                   for k, v in (x.split("=") for x in o) if recbole[k] != v}
+        assert singles == {k for k in recbole if recbole[k] != default[k]}, model
+
+
+def test_seqrec_comparison_interval_and_verdict():
+    study = _seqrec_study()
+    s = study.stats([0.05, 0.06, 0.07])
+    assert s["mean"] == pytest.approx(0.06) and s["std"] == pytest.approx(0.01)
+    assert s["ci95"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    same = study.compare([0.0600, 0.0601, 0.0602], [0.0605, 0.0606, 0.0607])
+    assert same["relative_difference"] == pytest.approx(0.5 / 60.1, rel=1e-6)
+    assert same["within_2pct"] == "holds" and same["ci95"] < 0.01
+    worse = study.compare([0.060, 0.061, 0.062], [0.040, 0.041, 0.042])
+    assert worse["within_2pct"] == "refuted" and worse["relative_difference"] < -0.3
+    noisy = study.compare([0.05, 0.06, 0.07], [0.05, 0.06, 0.07])
+    assert noisy["within_2pct"] == "unresolved"  # the interval is wider than +-2%
+    assert study.compare([0.06], [0.06])["ci95"] is None  # one seed: no interval
