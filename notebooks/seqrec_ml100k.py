@@ -23,7 +23,7 @@ Studies (results in ``notebooks/results/<tag>.{json,md}``):
   pre-LN recjax default alone, and all of them together, with the change of the test and
   validation NDCG@10 means against the preset.
 - ``cotten4rec`` (``seqrec_ml100k_cotten4rec``): BERT4Rec and Cotten4Rec (the same model with
-  cosine linear attention) in RecBole's setting and with the paper's hyper-parameters
+  cosine linear attention) in the ML-100k experiment setting and with the paper's hyper-parameters
   (MODELS.md section 4), each scored under full ranking and 100 uniform sampled negatives
   (``recjax eval`` of the best checkpoint), with 95% intervals over seeds of both means and
   of their relative difference.
@@ -241,17 +241,21 @@ def compare(bert: list[float], cotten: list[float]) -> dict:
 
 
 def markdown_cotten4rec(doc: dict) -> str:
-    lines = [_header(doc).replace(f"protocol: {doc['protocol']}. ", ""), "",
+    lines = [_header(doc).replace(f"protocol: {doc['protocol']}. ", "").replace("Mean ± std over seeds; ", ""), "",
              "Test NDCG@10 and HR@10 of the validation-selected checkpoint (selected on full-ranking "
              "validation NDCG@10), mean ± 95% interval over seeds; relative difference Cotten4Rec vs BERT4Rec "
              "with its 95% interval; the paper's claim is \"within 2%\".", "",
-             "| setting | protocol | metric | seeds | BERT4Rec | Cotten4Rec | Cotten4Rec vs BERT4Rec | within 2% |",
+             "Settings: `ml100k` = configs/experiments/{bert4rec,cotten4rec}_ml100k.yaml (the model table's "
+             "runs); `paper` = the paper's hyper-parameters (MODELS.md section 4) over "
+             f"{PAPER_EPOCHS} epochs.", "",
+             "| setting | protocol | metric | seeds (B / C) | BERT4Rec | Cotten4Rec | Cotten4Rec vs BERT4Rec | within 2% |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for c in doc["comparisons"]:
         def ci(x: dict) -> str:
             return f"{x['mean']:.4f}" + (f" ± {x['ci95']:.4f}" if x["ci95"] is not None else "")
         rel = f"{c['relative_difference']:+.1%}" + (f" ± {c['ci95']:.1%}" if c["ci95"] is not None else "")
-        lines.append(f"| {c['setting']} | {c['protocol']} | {c['metric']} | {len(c['bert4rec']['values'])} | "
+        seeds = f"{len(c['bert4rec']['values'])} / {len(c['cotten4rec']['values'])}"
+        lines.append(f"| {c['setting']} | {c['protocol']} | {c['metric']} | {seeds} | "
                      f"{ci(c['bert4rec'])} | {ci(c['cotten4rec'])} | {rel} | {c['within_2pct']} |")
     return "\n".join(lines) + "\n"
 
@@ -264,7 +268,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--runs", nargs="+", default=None, metavar="MODEL:SEED",
                     help="models study: explicit runs instead of --models x --seeds, e.g. sasrec:0 linrec:1")
-    ap.add_argument("--settings", nargs="+", choices=("recbole", "paper"), default=["recbole", "paper"],
+    ap.add_argument("--settings", nargs="+", choices=("ml100k", "paper"), default=["ml100k", "paper"],
                     help="cotten4rec study: which settings to run")
     ap.add_argument("--reuse", action="store_true", help="reuse runs that already wrote report.json")
     ap.add_argument("--finished-only", action="store_true",
@@ -300,13 +304,13 @@ def main() -> None:
         doc["ablations"] = ABLATIONS
     else:
         rows, doc["comparisons"] = [], []
-        for setting, overrides in [(k, v) for k, v in (("recbole", []), ("paper", PAPER)) if k in args.settings]:
-            runs = {m: finished([one(m, "" if setting == "recbole" else setting, s, overrides) for s in args.seeds])
+        for setting, overrides in [(k, v) for k, v in (("ml100k", []), ("paper", PAPER)) if k in args.settings]:
+            runs = {m: finished([one(m, "" if setting == "ml100k" else setting, s, overrides) for s in args.seeds])
                     for m in ("bert4rec", "cotten4rec")}
             if not all(runs.values()):
                 continue
             rows += runs["bert4rec"] + runs["cotten4rec"]
-            sampled = {m: [evaluate(m, "" if setting == "recbole" else setting, r["seed"], args.data,
+            sampled = {m: [evaluate(m, "" if setting == "ml100k" else setting, r["seed"], args.data,
                                     [*overrides, *extra, *SAMPLED], args.reuse)["test"] for r in rs]
                        for m, rs in runs.items()}
             for protocol, tests in (("full", {m: [r["test"] for r in rs] for m, rs in runs.items()}),
