@@ -231,7 +231,8 @@ class SeqRecTask(Task):
             "interactions": int(len(self.data.items)),
             "max_len": s.max_len,
             "train_rows": int(len(self.batches.rows.lengths)),
-            "train_row_mode": "cloze windows" if self.mcfg.objective == "cloze" else s.train_rows,
+            "train_row_mode": ("cloze " if self.mcfg.objective == "cloze" else "") + s.train_rows
+                              + (f" (stride {s.window_stride})" if s.train_rows == "windows" and s.window_stride else ""),
             "batches_per_epoch": len(self.batches),
             "protocol": self.protocol,
             "popularity_baseline": {"valid": self.popularity("valid"), "test": self.popularity("test")},
