@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -167,16 +168,62 @@ def test_sampled_and_full_losses_agree_with_a_direct_computation():
     assert logits.shape[-1] == 64
     logits = np.asarray(logits, np.float64)[..., 1:NUM_ITEMS + 1]
     per = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, np.maximum(targets - 1, 0)[..., None], -1)[..., 0]
-    loss, count = out["full"]
+    loss, count, _ = out["full"]
     assert int(count) == int((targets > 0).sum())
     assert float(loss) == pytest.approx(per[targets > 0].mean(), rel=1e-5)
-    loss, count = out["last"]  # prefix rows: only position lengths - 1 is scored
+    loss, count, _ = out["last"]  # prefix rows: only position lengths - 1 is scored
     assert int(count) == 2
     assert float(loss) == pytest.approx(np.mean([per[0, 5], per[1, MAX_LEN - 1]]), rel=1e-5)
     for kind in ("ce", "bce"):
         assert math.isfinite(float(out[kind][0])) and float(out[kind][0]) > 0
     # uniform sampled CE over 8 negatives is far below the full softmax over 30 items at init
     assert float(out["ce"][0]) < float(out["full"][0])
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_scored_cap_gathers_the_positions_with_a_target(loss):
+    """A cap at or above the batch's target count gives the uncapped loss and gradient; below
+    it, the first ``cap`` targets (row-major) are scored and the rest counted as left out."""
+    cfg, graphdef, params = make_params("model.dropout=0.0", "model.attn_dropout=0.0", f"model.loss={loss}",
+                                        "model.num_sampled=8")
+    inputs, lengths = random_batch(6, lengths=(7, MAX_LEN, 3, 0))
+    targets = np.where((np.arange(MAX_LEN)[None, :] % 4 == 1) & (inputs > 0), inputs % NUM_ITEMS + 1, 0)
+    count = int((targets > 0).sum())
+    assert 4 < count < 16 < targets.size
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def run(params, cap, keep):
+        kept = np.where(np.cumsum(targets.ravel() > 0).reshape(targets.shape) <= keep, targets, 0)
+        batch = {"inputs": inputs, "targets": kept, "lengths": lengths}
+
+        def f(p):
+            loss, n, over = sequence_loss(nnx.merge(graphdef, p), batch, jax.random.key(1, impl="rbg"),
+                                          cfg.model, False, cap)
+            return loss, (n, over)
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (want, (n, over)), want_grad = run(params, 0, count)
+    assert (int(n), int(over)) == (count, 0)
+    for cap in (16, count):
+        (got, (n, over)), grad = run(params, cap, count)
+        assert (int(n), int(over)) == (count, 0)
+        assert float(got) == pytest.approx(float(want), rel=1e-6), cap
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad, want_grad)
+    (got, (n, over)), _ = run(params, 3, count)  # = the uncapped loss of the first 3 targets
+    (first3, (n3, _)), _ = run(params, 0, 3)
+    assert (int(n), int(over), int(n3)) == (3, count - 3, 3)
+    assert float(got) == pytest.approx(float(first3), rel=1e-6)
+
+
+def test_scored_cap_follows_the_rows_target_counts():
+    """The task's cap: stride-10 windows score ~10 positions a row, so the cap is far below B * S
+    and above the mean; prefix next-item rows need no cap."""
+    base = ["data.source=sequences", "data.sequences.synthetic.num_users=200", "data.global_batch=32",
+            "data.sequences.max_len=20", "model.name=seqrec", "model.hidden=16", "model.num_heads=2"]
+    task = get_task(load_config(None, [*base, "data.sequences.window_stride=5"]))
+    per_row = np.count_nonzero(task.batches.rows.targets, axis=1)
+    assert 32 * per_row.mean() < task.scored_cap < 32 * 20 and task.scored_cap % 128 == 0
+    assert get_task(load_config(None, [*base, "data.sequences.train_rows=prefixes"])).scored_cap == 0
 
 
 def test_best_tracker_stops_after_patience_non_improving_evaluations():
@@ -349,6 +396,24 @@ def test_training_stops_after_patience_validations_without_improvement(tmp_path,
     assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 3 * SPE  # saved where it stopped
     (test,) = records(tmp_path, "test")
     assert test["step"] == SPE and out["test"]["ndcg@10"] == test["ndcg@10"]
+
+
+def test_extending_a_finished_run_keeps_its_clock(tmp_path, monkeypatch, compile_cache):
+    """Raising train.epochs of a finished run re-evaluates its last step (saved before that
+    evaluation) and trains on; wall time and sequences/s stay those of all its steps."""
+    values = iter([0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.5])  # the re-evaluated step 40 is a new best
+    metrics = lambda v: {"hr@5": v, "ndcg@5": v, "hr@10": v, "ndcg@10": v, "mrr": v, "users": 300}
+    real = RankingEvaluator.__call__
+    monkeypatch.setattr(RankingEvaluator, "__call__",
+                        lambda self, params: metrics(next(values)) if self.which == "valid" else real(self, params))
+    first = trainer.train(e2e_cfg(tmp_path))
+    t0 = time.perf_counter()
+    more = trainer.train(e2e_cfg(tmp_path, "train.epochs=5"), accept_config_changes=True)
+    elapsed = time.perf_counter() - t0
+    assert (first["best_step"], more["best_step"], more["steps"]) == (4 * SPE, 5 * SPE, 5 * SPE)
+    assert first["wall_time_total_s"] < more["wall_time_total_s"] <= first["wall_time_total_s"] + elapsed
+    assert first["wall_time_to_best_s"] < more["wall_time_to_best_s"] <= more["wall_time_total_s"]
+    assert more["train_examples_per_s"] == pytest.approx(64 * 5 * SPE / more["train_time_s"])
 
 
 @pytest.mark.parametrize("model", ["cotten4rec", "linrec_prefixes_sampled"])

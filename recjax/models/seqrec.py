@@ -335,7 +335,7 @@ def build(cfg: Config, info: Any, dtype: jnp.dtype, rngs: nnx.Rngs) -> SeqRec:
 
 
 def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
-                               output_positions: int | None = None) -> float:
+                               output_positions: float | None = None) -> float:
     """Matmul FLOPs (2 per multiply-add) of one sequence's forward pass.
 
     Per layer: projections ``8 S d^2``; FFN ``4 S d inner``; attention ``4 S^2 d`` (softmax:
@@ -343,7 +343,8 @@ def forward_flops_per_sequence(mcfg: SeqRecConfig, num_items: int, seq_len: int,
     non-causal: ``phi_k^T v`` and ``phi_q state``) or ``4 S d d_h + 4 S c d`` (linear, causal,
     chunk ``c = min(64, S)``: the XLA path's intra-chunk products). Output head
     (``output_head: ffn``): ``2 S d^2``. Output: ``2 P d V`` over ``P = output_positions``
-    (default ``S``; 1 for a scoring or prefix pass) and ``V`` ids.
+    (default ``S``; 1 for a scoring or prefix pass; the mean gathered per row for a capped
+    training step) and ``V`` ids.
     """
     s, d, dh = seq_len, mcfg.hidden, mcfg.hidden // mcfg.num_heads
     if mcfg.attention == "softmax":

@@ -50,7 +50,7 @@ from recjax.train.step import make_train_step
 # model diagnostics printed on the console line when the model reports them
 CONSOLE_EXTRAS = ("total_loss", "moe_load_max_over_mean", "router_active_ratio")
 OOV_WARN_RATE = 0.01
-SUMMED = ("oov_ids", "targets")  # metrics summed over a logging interval (others: mean)
+SUMMED = ("oov_ids", "targets", "targets_over_cap")  # metrics summed over a logging interval (others: mean)
 
 
 class Preempted(UserError):
@@ -248,9 +248,9 @@ class Trainer:
         try:
             if start == 0 and evaluators and (t.eval_every or t.eval_every_epochs):
                 eval_metrics = self._evaluate(evaluators, 0, state["params"])  # where the curve starts
+            self.clock.start()  # before a pending evaluation, which may record the best's time
             if eval_pending and evaluators:  # resumed from a final checkpoint saved before its eval
                 eval_metrics = self._eval_and_track(evaluators, start, state, best_ckpt)
-            self.clock.start()
             pending: list[dict[str, Any]] = []
             last_log, excluded = time.perf_counter(), 0.0  # eval and checkpoint time is excluded
 
@@ -271,12 +271,16 @@ class Trainer:
                 final = step == self.total
                 if self._due(t.log_every, 0, step) or final:
                     flush_log()
+                evaluate_now = bool(evaluators) and (self._due(t.eval_every, t.eval_every_epochs, step) or final)
+                save_now = self._due(t.checkpoint_every, t.checkpoint_every_epochs, step)
+                if final or evaluate_now or save_now:
+                    jax.block_until_ready(state)  # the steps still in flight are training time
                 t_aside = time.perf_counter()
                 if final:  # the final checkpoint comes before the final eval
                     self._save(step, state, data, eval_pending=bool(evaluators))
-                if evaluators and (self._due(t.eval_every, t.eval_every_epochs, step) or final):
+                if evaluate_now:
                     eval_metrics = self._eval_and_track(evaluators, step, state, best_ckpt)
-                if not final and (self._due(t.checkpoint_every, t.checkpoint_every_epochs, step) or self.best.stop):
+                if not final and (save_now or self.best.stop):
                     self._save(step, state, data)
                 if not final and watch.reached(step):
                     if self.saved_step != step:
@@ -323,8 +327,9 @@ class Trainer:
             "eval": eval_metrics,  # the last evaluation, {split: metrics}
             "best_eval": best_eval,  # the evaluation of the parameters the final evaluators used
             **{split: m for split, m in final_metrics.items()},
-            "train_examples_per_s": cfg.data.global_batch * (step - start) / self.clock.train_s
-            if self.clock.train_s > 0 and step > start else None,
+            # train_s sums every session's steps since step 0
+            "train_examples_per_s": cfg.data.global_batch * step / self.clock.train_s
+            if self.clock.train_s > 0 and step > 0 else None,
             "train_time_s": self.clock.train_s,
             "eval_time_s": self.clock.eval_s,
             "checkpoint_time_s": self.clock.checkpoint_s,
