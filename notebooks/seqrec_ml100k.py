@@ -1,13 +1,13 @@
 """Sequential recommenders on MovieLens-100k: the model table, the RecBole ablation, and the
 Cotten4Rec vs BERT4Rec comparison, each over seeds, through ``recjax train``.
 
-Every run is ``recjax train --config configs/experiments/<model>_ml100k.yaml`` (RecBole's
-SASRec / BERT4Rec as the ``*_recbole`` model presets build them; LinRec and Cotten4Rec swap
-the attention of those two; leave-one-out, full ranking over all items without history
-masking, early stopping on validation NDCG@10) with ``data.sequences.path`` pointing at a
-directory written by ``recjax data prepare``, plus the overrides of its variant. Runs live in
-``runs/seqrec_ml100k/<model>[_<variant>]_seed<seed>`` and are shared by the studies
-(``--reuse`` keeps finished ones)::
+Every run is ``recjax train --config configs/experiments/<model>_ml100k.yaml`` (SASRec: the
+pre-LN backbone on stride-10 windows for 25 epochs; BERT4Rec: RecBole's model and prefix rows;
+LinRec and Cotten4Rec swap the attention of those two; leave-one-out, full ranking over all
+items without history masking, the best epoch picked by validation NDCG@10) with
+``data.sequences.path`` pointing at a directory written by ``recjax data prepare``, plus the
+overrides of its variant. Runs live in ``runs/seqrec_ml100k/<model>[_<variant>]_seed<seed>``
+and are shared by the studies (``--reuse`` keeps finished ones)::
 
     recjax data prepare ml-100k.inter data/prepared/ml-100k   # RecBole's file, or MovieLens' u.data
     python notebooks/seqrec_ml100k.py --data data/prepared/ml-100k --seeds 0 1 2 --models sasrec bert4rec
@@ -49,13 +49,16 @@ MODELS = ("sasrec", "bert4rec", "linrec", "cotten4rec")
 KEYS = ("hr@10", "ndcg@10", "mrr")
 
 # The ablation's variants, each a full assignment of the keys in which RecBole (configs/models/
-# <model>_recbole.yaml) and the recjax default (configs/models/<model>.yaml) differ, on the
-# experiment config's data, optimiser and batches: RecBole's model on plain windows, RecBole with
-# one difference switched to the recjax default ("recbole+..."), RecBole's SASRec on overlapping
-# windows, the recjax default, and the experiment config itself (the `models` study's runs).
-SASREC_KEYS = ("model.norm", "model.output_bias", "data.sequences.window_stride")
+# <model>_recbole.yaml) and the recjax default (configs/models/<model>.yaml) differ, plus the
+# training rows and budget, on the experiment config's data and optimiser: RecBole's model on
+# non-overlapping windows (batches of 64, constant lr, up to 200 epochs with patience 10), RecBole with one
+# difference switched to the recjax default ("recbole+..."), RecBole's SASRec on overlapping
+# windows, the recjax default, and the experiment config itself (the `models` study's runs;
+# SASRec's: 25 epochs; BERT4Rec's: RecBole's prefix rows).
+SASREC_KEYS = ("model.norm", "model.output_bias", "data.sequences.window_stride", "train.epochs", "train.patience")
 BERT4REC_KEYS = ("model.norm", "model.output_head", "data.sequences.mask_replace",
-                 "data.sequences.mask_last_prob", "data.sequences.eval_drop_first", "data.sequences.window_stride")
+                 "data.sequences.mask_last_prob", "data.sequences.eval_drop_first", "data.sequences.window_stride",
+                 "data.sequences.train_rows", "data.global_batch", "optim.decay", "train.epochs", "train.patience")
 
 
 def _assign(keys: tuple[str, ...], values: tuple) -> list[str]:
@@ -64,20 +67,20 @@ def _assign(keys: tuple[str, ...], values: tuple) -> list[str]:
 
 ABLATIONS: dict[str, dict[str, list[str]]] = {
     "sasrec": {name: _assign(SASREC_KEYS, values) for name, values in {
-        "recbole": ("post", False, 0),
-        "recbole+pre_ln": ("pre", False, 0),
-        "recbole+output_bias": ("post", True, 0),
-        "recbole_on_overlapping_windows": ("post", False, 10),
-        "recjax_default": ("pre", True, 0),
+        "recbole": ("post", False, 0, 200, 10),
+        "recbole+pre_ln": ("pre", False, 0, 200, 10),
+        "recbole+output_bias": ("post", True, 0, 200, 10),
+        "recbole_on_overlapping_windows": ("post", False, 10, 200, 10),
+        "recjax_default": ("pre", True, 0, 200, 10),
     }.items()},
     "bert4rec": {name: _assign(BERT4REC_KEYS, values) for name, values in {
-        "recbole": ("post", "ffn", "mask", 0.5, True, 0),
-        "recbole+pre_ln": ("pre", "ffn", "mask", 0.5, True, 0),
-        "recbole+no_output_head": ("post", "none", "mask", 0.5, True, 0),
-        "recbole+mask_80_10_10": ("post", "ffn", "bert", 0.5, True, 0),
-        "recbole+no_last_item_batches": ("post", "ffn", "mask", 0.0, True, 0),
-        "recbole+eval_keeps_first_item": ("post", "ffn", "mask", 0.5, False, 0),
-        "recjax_default": ("pre", "none", "bert", 0.0, False, 0),
+        "recbole": ("post", "ffn", "mask", 0.5, True, 0, "windows", 64, "constant", 200, 10),
+        "recbole+pre_ln": ("pre", "ffn", "mask", 0.5, True, 0, "windows", 64, "constant", 200, 10),
+        "recbole+no_output_head": ("post", "none", "mask", 0.5, True, 0, "windows", 64, "constant", 200, 10),
+        "recbole+mask_80_10_10": ("post", "ffn", "bert", 0.5, True, 0, "windows", 64, "constant", 200, 10),
+        "recbole+no_last_item_batches": ("post", "ffn", "mask", 0.0, True, 0, "windows", 64, "constant", 200, 10),
+        "recbole+eval_keeps_first_item": ("post", "ffn", "mask", 0.5, False, 0, "windows", 64, "constant", 200, 10),
+        "recjax_default": ("pre", "none", "bert", 0.0, False, 0, "windows", 64, "constant", 200, 10),
     }.items()},
 }
 # Cotten4Rec paper (MODELS.md section 4): hidden 128, 2 blocks, 2 heads, max_len 100, dropout 0.1,
@@ -138,7 +141,8 @@ def _row(model: str, seed: int, report: dict) -> dict:
         "valid": report["best_eval"]["valid"], "test": report["test"],
         "best_epoch": report["best_step"] / spe, "epochs_run": report["epochs"],
         "stopped_early": report["stopped_early"],
-        "train_sequences_per_s": report["train_examples_per_s"],
+        # training rows per second of training time over all of a run's sessions
+        "train_sequences_per_s": report["data"]["train_rows"] * report["epochs"] / report["train_time_s"],
         "wall_time_to_best_s": report["wall_time_to_best_s"],
         "wall_time_total_s": report["wall_time_total_s"],
     }
@@ -198,12 +202,13 @@ def markdown_models(doc: dict) -> str:
 
 def markdown_ablation(doc: dict) -> str:
     lines = [_header(doc), "",
-             "`recbole`: RecBole's model (configs/models/<model>_recbole.yaml) on non-overlapping windows; "
-             "`recbole+X`: with one difference X switched to the recjax default; "
-             "`recbole_on_overlapping_windows`: RecBole's model on windows of stride 10; `recjax_default`: "
-             "configs/models/<model>.yaml; `experiment`: configs/experiments/<model>_ml100k.yaml (the "
-             "model table). Δ: difference of the means against `recbole`, ± the 95% interval of that "
-             "difference over seeds. Same data, optimiser and batches throughout; validation-selected.", "",
+             "`recbole`: RecBole's model (configs/models/<model>_recbole.yaml) on non-overlapping windows "
+             "(batches of 64, up to 200 epochs, patience 10); `recbole+X`: with one difference X switched to "
+             "the recjax default; `recbole_on_overlapping_windows`: RecBole's model on windows of stride 10; "
+             "`recjax_default`: configs/models/<model>.yaml; `experiment`: configs/experiments/<model>_ml100k.yaml "
+             "(the model table: SASRec for 25 epochs, BERT4Rec on RecBole's prefix rows). Δ: difference of the means "
+             "against `recbole`, ± the 95% interval of that difference over seeds. Same data and optimiser "
+             "throughout; validation-selected.", "",
              "| model | variant | seeds | test NDCG@10 | Δ test | valid NDCG@10 | Δ valid | best epoch |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     base = {s["model"]: s for s in doc["summary"] if s["variant"] == "recbole"}
