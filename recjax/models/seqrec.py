@@ -38,7 +38,8 @@ Choices (not fixed by the sources; each is the simplest faithful option):
 
 - Pre-LN blocks with a final LayerNorm by default (MODELS.md); ``configs/models/
   {sasrec,bert4rec}_recbole.yaml`` set RecBole's post-LN, output head and bias. The ML-100k
-  experiments keep the pre-LN default, which scored higher on windows (the ablation in
+  SASRec experiment keeps the pre-LN default, which scored higher on windows; the BERT4Rec one
+  uses RecBole's preset on prefix rows (the ablation in
   ``notebooks/results/seqrec_ml100k_ablation.md`` measures each difference).
 - Dropout sits where RecBole puts it: on the embedding sum and on each residual branch
   (``dropout``), and on the softmax probabilities (``attn_dropout``). Linear attention has no
