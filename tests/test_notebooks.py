@@ -80,3 +80,15 @@ def test_seqrec_comparison_interval_and_verdict():
     noisy = study.compare([0.05, 0.06, 0.07], [0.05, 0.06, 0.07])
     assert noisy["within_2pct"] == "unresolved"  # the interval is wider than +-2%
     assert study.compare([0.06], [0.06])["ci95"] is None  # one seed: no interval
+
+
+def test_seqrec_paper_setting_is_a_valid_config_of_both_models():
+    from recjax.config import load_config
+
+    study = _seqrec_study()
+    for model in ("bert4rec", "cotten4rec"):
+        cfg = load_config(str(REPO / "configs" / "experiments" / f"{model}_ml100k.yaml"), study.PAPER)
+        assert (cfg.model.hidden, cfg.data.sequences.max_len, cfg.data.global_batch) == (128, 100, 128)
+        assert cfg.optim.dense.name == "adamw" and cfg.optim.grad_clip_norm == 1.0
+        assert cfg.optim.warmup_steps == cfg.train.epochs * 12 // 10  # 10% of the steps
+        assert cfg.model.attention == ("softmax" if model == "bert4rec" else "cosine")
