@@ -3,9 +3,10 @@ the sequential models are compared against, re-run so its seed-to-seed spread ca
 
 Runs in its own environment (RecBole pins old packages; it is not a recjax dependency)::
 
-    python -m venv /tmp/recbole && /tmp/recbole/bin/pip install recbole==1.2.1 torch "numpy<2" \
-        scipy pandas scikit-learn pyyaml tensorboard thop tabulate plotly texttable psutil \
+    python -m venv /tmp/recbole && /tmp/recbole/bin/pip install torch "numpy<2" scipy pandas \
+        scikit-learn pyyaml tensorboard thop tabulate plotly texttable psutil \
         colorlog==4.7.2 colorama==0.4.4
+    /tmp/recbole/bin/pip install --no-deps recbole==1.2.1   # skips its ray pin (see below)
     /tmp/recbole/bin/python notebooks/recbole_reference.py --model BERT4Rec --seed 2020
 
 RecBole's defaults for the model (``recbole/properties/model/<model>.yaml``) and its ml-100k

@@ -88,15 +88,16 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
 # PAPER_EPOCHS (the schedule needs a length), still validation-selected. The paper does not say
 # how it cuts training rows; these are BERT4Rec's own: non-overlapping cloze windows of max_len
 # items (1,519 rows, 12 batches per epoch), not RecBole's 97k prefix rows (60 epochs of those at
-# batch 128 would take ~45k steps, ~10 h on 2 CPU cores at these sizes). The item table takes Adam without the decay (the embedding
-# optimisers have none; 1e-3 x 1e-3 over 720 steps would shrink it by 0.07%).
+# batch 128 are ~45k steps, 63x the windows' 720). The item table takes Adam without the decay
+# (the embedding optimisers have none; 1e-3 x 1e-3 over 720 steps would shrink it by 0.07%).
 PAPER_EPOCHS = 60
 PAPER_WARMUP = PAPER_EPOCHS * 12 // 10  # 10% of the steps: 12 batches of 128 per epoch
 PAPER = ["model.hidden=128", "model.num_layers=2", "model.num_heads=2", "model.inner=512",
          "data.sequences.max_len=100", "model.dropout=0.1", "model.attn_dropout=0.1",
          "optim.dense.name=adamw", "optim.dense.lr=0.001", "optim.dense.weight_decay=0.001",
          "optim.embedding.name=adam", "optim.embedding.lr=0.001",
-         f"optim.warmup_steps={PAPER_WARMUP}", "optim.decay=linear", "optim.min_lr_ratio=0.0", "optim.grad_clip_norm=1.0",
+         f"optim.warmup_steps={PAPER_WARMUP}", "optim.decay=linear", "optim.min_lr_ratio=0.0",
+         "optim.grad_clip_norm=1.0",
          "data.global_batch=128", "data.sequences.train_rows=windows", "data.sequences.window_stride=0",
          f"train.epochs={PAPER_EPOCHS}", "train.patience=0"]
 SAMPLED = ["ranking.protocol=sampled", "ranking.num_negatives=100", "ranking.negatives=uniform"]
