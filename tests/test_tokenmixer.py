@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from optax import sigmoid_binary_cross_entropy as optax_bce
 
 from recjax.config import CONFIG_DIR, load_config
+from recjax.errors import ConfigError
 from recjax.kernels import moe as moe_kernels
-from recjax.layers.token_mixing import mix, revert, swiglu
+from recjax.layers.token_mixing import mix, revert, rms_norm, swiglu
 from recjax.models import tokenmixer_large as tml
 from recjax.train.state import describe_config
 from tests.conftest import read_losses, run_python, tiny
@@ -80,7 +81,7 @@ def test_per_token_weights_get_gradient_only_from_their_token():
 
 
 def test_sp_moe_per_token_experts_get_gradient_only_from_their_token():
-    cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 2, "moe_impl": "reference"})
+    cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 3, "moe_impl": "reference"})
     s = tml.shapes_of(cfg)
     p = {k: v[...][0] for k, v in tml.layer_params(s, nnx.Rngs(0)).items()}
     xn = jnp.asarray(np.random.default_rng(2).normal(size=(3, s.tokens, s.dim)), jnp.float32)
@@ -95,9 +96,10 @@ def test_sp_moe_per_token_experts_get_gradient_only_from_their_token():
 
 
 def test_moe_with_k_equal_e_is_the_dense_softmax_mixture():
-    """k = E (alpha = E/k = 1): SP-MoE = sum_e softmax(x R)_e SwiGLU_e(x) + Shared(x), per token."""
+    """All E routed (k = E + 1 with the shared expert, alpha = E/(k-1) = 1): SP-MoE = sum_e
+    softmax(x R)_e SwiGLU_e(x) + Shared(x), per token."""
     e = 4
-    cfg = make_cfg({**TM_SMALL, "moe_experts": e, "moe_top_k": e})
+    cfg = make_cfg({**TM_SMALL, "moe_experts": e, "moe_top_k": e + 1})
     s = tml.shapes_of(cfg)
     assert s.alpha == 1.0
     p = {k: v[...][0] for k, v in tml.layer_params(s, nnx.Rngs(3)).items()}
@@ -131,12 +133,12 @@ def test_load_balancing_loss_hand_computed():
 
 def test_model_logs_expert_load_and_adds_balancing_loss():
     fs = features()
-    cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 1, "moe_load_balance_weight": 0.5,
+    cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 2, "moe_load_balance_weight": 0.5,
                     "aux_loss_weight": 0.0})
     logits, aux = jit_forward(build(cfg, fs))(make_batch(fs, 16))
     assert logits.shape == (16,)
     frac = np.asarray(aux["moe_expert_fraction"])
-    assert frac.shape == (4,) and frac.sum() == pytest.approx(1.0)
+    assert frac.shape == (4,) and frac.sum() == pytest.approx(1.0)  # top-(k-1) = top-1 routed
     assert float(aux["moe_load_max_over_mean"]) >= 1.0
     assert float(aux["aux_loss"]) == pytest.approx(0.5 * float(aux["moe_load_balance_loss"]))
 
@@ -144,7 +146,86 @@ def test_model_logs_expert_load_and_adds_balancing_loss():
 # ----------------------------------------------------------------------------- ablations
 
 
+def test_routed_set_is_top_k_minus_one_with_the_shared_expert(monkeypatch):
+    """moe_top_k counts the shared expert: k = 3 routes 2 experts per token with it, 3 without;
+    alpha is the routed inverse sparsity E / routed."""
+    fs = features()
+    calls = []
+    moe_ffn = moe_kernels.moe_ffn
+    monkeypatch.setattr(moe_kernels, "moe_ffn", lambda *a, **k: calls.append((a[5], k["scale"])) or moe_ffn(*a, **k))
+    for shared, routed in ((True, 2), (False, 3)):
+        cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 3, "moe_shared_expert": shared})
+        s = tml.shapes_of(cfg)
+        calls.clear()
+        logits, _ = jit_forward(build(cfg, fs))(make_batch(fs, 16))
+        assert np.isfinite(np.asarray(logits)).all()
+        assert set(calls) == {(routed, 4 / routed)}
+        assert describe_config(cfg)["params_dense"] - describe_config(cfg)["params_active"] == (
+            s.layers * s.tokens * (4 - routed) * 3 * s.dim * s.expert_hidden)
+    with pytest.raises(ConfigError, match="shared expert counts as one"):
+        tml.shapes_of(make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 1}))
+
+
+# ----------------------------------------------------------------------------- block
+
+
+def _block_case(seed: int, **overrides):
+    cfg = make_cfg({**TM_SMALL, **overrides})
+    s = tml.shapes_of(cfg)
+    rng = np.random.default_rng(seed)
+    p = {k: jnp.asarray(rng.normal(size=v[...].shape[1:]) * 0.3 + (1.0 if "norm" in k else 0.0), jnp.float32)
+         for k, v in tml.layer_params(s, nnx.Rngs(seed)).items()}
+    x = jnp.asarray(rng.normal(size=(5, s.tokens, s.dim)), jnp.float32)
+    return s, p, x
+
+
+def test_paper_block_residual_paths():
+    """X' = X + revert(pSwiGLU_mixed(mix(RMSNorm(X)))) and X_next = X' + pSwiGLU_token(RMSNorm(X')):
+    with the token sub-block zeroed the block returns X' (so the mixed branch is in the residual
+    stream); with the mixed sub-block zeroed it returns X + pSwiGLU_token(RMSNorm(X))."""
+    s, p, x = _block_case(7)
+    assert s.block_layout == "paper" and p["mix_norm"].shape == (s.tokens, s.dim)
+    x1 = x + revert(swiglu(mix(rms_norm(x, p["mix_norm"]), s.banks), p["mix_gate"], p["mix_up"], p["mix_down"]),
+                    s.tokens)
+    assert float(jnp.abs(x1 - x).max()) > 0.1
+    out, _ = tml.block(s, {**p, "tok_down": jnp.zeros_like(p["tok_down"])}, x)
+    np.testing.assert_allclose(out, x1, rtol=1e-6, atol=1e-6)
+    full, _ = tml.block(s, p, x)
+    token = swiglu(rms_norm(x1, p["tok_norm"]), p["tok_gate"], p["tok_up"], p["tok_down"])
+    np.testing.assert_allclose(full, x1 + token, rtol=1e-5, atol=1e-5)
+    out, _ = tml.block(s, {**p, "mix_down": jnp.zeros_like(p["mix_down"])}, x)
+    token0 = swiglu(rms_norm(x, p["tok_norm"]), p["tok_gate"], p["tok_up"], p["tok_down"])
+    np.testing.assert_allclose(out, x + token0, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_residual_block_drops_the_mixed_branch_from_the_residual_stream():
+    """The earlier block (block_layout: mixed_residual): H' = mix(X) + f(RMSNorm(mix(X))), X_next
+    = X + g(RMSNorm(revert(H'))): with g zeroed it returns X itself, whatever f computes."""
+    s, p, x = _block_case(8, block_layout="mixed_residual")
+    assert p["mix_norm"].shape == (s.banks, s.bank_width)
+    out, _ = tml.block(s, {**p, "tok_down": jnp.zeros_like(p["tok_down"])}, x)
+    np.testing.assert_allclose(out, x, rtol=0, atol=0)
+    hm = mix(x, s.banks)
+    h = hm + swiglu(rms_norm(hm, p["mix_norm"]), p["mix_gate"], p["mix_up"], p["mix_down"])
+    g = swiglu(rms_norm(revert(h, s.tokens), p["tok_norm"]), p["tok_gate"], p["tok_up"], p["tok_down"])
+    np.testing.assert_allclose(tml.block(s, p, x)[0], x + g, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_init_is_xavier_with_small_down_projections():
+    """W_gate, W_up ~ Xavier-uniform (std sqrt(2 / (fan_in + fan_out))); W_down = 0.01 x that."""
+    cfg = make_cfg({**TM_SMALL, "num_tokens": 8, "dim": 64, "num_heads": 8, "moe_experts": 4, "moe_top_k": 2})
+    s = tml.shapes_of(cfg)
+    p = {k: np.asarray(v[...]) for k, v in tml.layer_params(s, nnx.Rngs(0)).items()}
+    for name in ("mix", "expert", "shared"):
+        for part, scale in (("gate", 1.0), ("up", 1.0), ("down", 0.01)):
+            w = p[f"{name}_{part}"]
+            xavier = (2.0 / (w.shape[-2] + w.shape[-1])) ** 0.5
+            assert w.std() == pytest.approx(scale * xavier, rel=0.05), (name, part)
+            assert np.abs(w).max() <= scale * xavier * 3**0.5 * (1 + 1e-6)
+
+
 ABLATIONS = {
+    "mixed_residual_block": {"block_layout": "mixed_residual"},
     "mix_revert": {"mix_revert": False},
     "shared_swiglu": {"per_token": False},
     "no_residuals": {"residuals": False},
@@ -188,7 +269,7 @@ def test_ctr_task_adds_the_weighted_aux_head_bce_to_the_loss():
     from recjax.tasks.ctr import CTRTask
 
     fs = features()
-    cfg = make_cfg({**TM_SMALL, "aux_loss_weight": 0.3, "moe_experts": 4, "moe_top_k": 1,
+    cfg = make_cfg({**TM_SMALL, "aux_loss_weight": 0.3, "moe_experts": 4, "moe_top_k": 2,
                     "moe_load_balance_weight": 0.5})
     graphdef, params = nnx.split(build(cfg, fs))
     batch = make_batch(fs, 16)

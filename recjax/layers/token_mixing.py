@@ -12,8 +12,9 @@
 - :func:`swiglu`: ``W_down (silu(x W_gate) * (x W_up))``, per token (pSwiGLU) when the
   weights carry a leading token axis, shared otherwise.
 - :func:`rms_norm` and :func:`layer_norm` over the last axis, statistics in fp32.
-- :func:`stacked_param`: an ``nnx.Param`` with leading stacked axes (layers, tokens) whose
-  initializer computes fan-in/fan-out from the last two axes only.
+- :func:`stacked_param`: an ``nnx.Param`` with leading stacked axes (layers, tokens); the
+  initializers here (:func:`fan_in_init`, :func:`xavier_init`) take fan-in/fan-out from the
+  last two axes only.
 """
 
 from __future__ import annotations
@@ -83,9 +84,13 @@ def fan_in_init(std_scale: float = 1.0) -> nnx.Initializer:
     return init
 
 
-def normal_init(std: float) -> nnx.Initializer:
+def xavier_init(scale: float = 1.0) -> nnx.Initializer:
+    """``scale`` x Xavier-uniform: ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` from the
+    last two axes (stacked leading axes are independent matrices)."""
+
     def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        return std * jax.random.normal(key, shape, dtype)
+        limit = scale * (6.0 / (shape[-2] + shape[-1])) ** 0.5
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
 
     return init
 

@@ -6,16 +6,23 @@ mix heads, ``L`` layers, ``E`` experts.
 - **Tokens.** ``x0 = [dense, e_1..e_F]``; ``T-1`` semantic groups, ``X_g = MLP_g(x0[group
   g])``, and a global token ``X_G = MLP_global(x0)`` first: ``X [B, T, D]``
   (:mod:`recjax.layers.tokenizer`).
-- **Block** (pre-RMSNorm, no biases; ``X`` is the block input)::
+- **Block** (pre-RMSNorm, no biases; ``X`` is the block input; ``block_layout: paper``, the
+  default, as MODELS.md section 2 draws it)::
 
-      Hm   = mix(X)                                  [B, H, T*D/H]
-      H'   = Hm + pSwiGLU_mixed(RMSNorm(Hm))         H weight banks of width T*D/H
-      Xrev = revert(H')                              [B, T, D]
-      Xout = X + pSwiGLU_token(RMSNorm(Xrev))        T weight banks of width D
+      X'    = X  + revert(pSwiGLU_mixed(mix(RMSNorm(X))))      H weight banks of width T*D/H
+      Xout  = X' + pSwiGLU_token(RMSNorm(X'))                  T weight banks of width D
 
-  (``Xout`` takes its residual against the block input, as the spec states; the mixed
-  branch reaches it through ``Xrev``.) ``pSwiGLU_t(x) = W_down_t (silu(W_gate_t x) *
-  W_up_t x)`` with hidden width ``n*D`` is a batched einsum over the token axis.
+  Both residuals live in the token layout, so the mixed sub-block's output stays in the
+  residual stream. ``block_layout: mixed_residual`` is the block recjax had before (kept for
+  the ablation): norm and residual in the mixed layout, ``H' = mix(X) +
+  pSwiGLU_mixed(RMSNorm(mix(X)))``, and the second residual against the block input, ``Xout =
+  X + pSwiGLU_token(RMSNorm(revert(H')))``, which drops the mixed branch from the residual
+  stream. ``pSwiGLU_t(x) = W_down_t (silu(W_gate_t x) * W_up_t x)`` with hidden width ``n*D``
+  is a batched einsum over the token axis.
+- **Initialisation.** Every SwiGLU (mixed, per-token, experts, shared expert) draws
+  ``W_gate``, ``W_up`` from Xavier-uniform and ``W_down`` from Xavier-uniform times
+  ``down_init_scale`` (0.01: the paper's [1, 1, 0.01] scales, +0.03% AUC; a scale of the
+  Xavier init, not a std).
 - **Inter-layer residuals.** After layer ``l`` (1-based) with ``l % k == 0`` and ``l < L``
   the output of layer ``l - k`` is added (``model.residual_every = k``; 0 disables).
 - **Auxiliary loss.** A light head (RMSNorm, mean over tokens, one linear unit) on the
@@ -27,17 +34,25 @@ mix heads, ``L`` layers, ``E`` experts.
 - **Sparse-Pertoken MoE** (``moe_experts = E > 0``) replaces ``pSwiGLU_token``: token
   position ``t`` has its own router ``[D, E]`` and ``E`` SwiGLU experts of width ``n*D/E``::
 
-      SP-MoE(x_t) = alpha * sum_{j in topk} g_j(x_t) Expert_{t,j}(x_t) + Shared_t(x_t)
+      SP-MoE(x_t) = alpha * sum_{j in top-k'} g_j(x_t) Expert_{t,j}(x_t) + Shared_t(x_t)
 
-  ``g`` = softmax over the selected router scores, ``alpha`` = inverse sparsity ``E/k``
-  unless set, down-projections initialised with std 0.01, a shared per-token expert of
-  width ``n*D/E``, an optional switch load-balancing loss. Dropless; computed by
-  :func:`recjax.kernels.moe.moe_ffn` (the only MoE code path).
+  ``moe_top_k = k`` counts the experts an example's token uses: with the shared per-token
+  expert (width ``n*D/E``, ``moe_shared_expert``) the routed set is top-``(k-1)``, else
+  top-``k``; ``k'`` is that routed count. ``g`` = softmax over the selected router scores,
+  ``alpha`` = the routed inverse sparsity ``E/k'`` unless set, an optional switch
+  load-balancing loss. With a single routed expert its gate is softmax of one score, 1, and
+  the router learns nothing from the task loss (only from the balancing loss): keep ``k' >= 2``.
+  Dropless; computed by :func:`recjax.kernels.moe.moe_ffn` (the only
+  MoE code path).
+- **Optimizer.** The paper trains dense and sparse parameters with Adagrad (dense lr 0.01,
+  sparse 0.05): ``optim.dense={name: adagrad, lr: 0.01}`` with ``optim.embedding={name:
+  rowwise_adagrad, lr: 0.05}``; recjax's presets default to Adam for the dense part.
 
 Ablation switches (one key each): ``mix_revert: false`` (the first sublayer runs on the
 token layout, ``T`` banks of width ``D``), ``per_token: false`` (one SwiGLU shared by all
 tokens in both sublayers), ``residuals: false`` (no residual inside the block),
-``residual_every: 0`` (no inter-layer residual), ``aux_loss_weight: 0`` (no auxiliary
+``block_layout: mixed_residual`` (the earlier block, above), ``residual_every: 0`` (no
+inter-layer residual), ``aux_loss_weight: 0`` (no auxiliary
 loss), ``global_token: false`` (``T`` group tokens, no global token), ``moe_per_token:
 false`` (one standard MoE shared by all token positions).
 
@@ -65,11 +80,11 @@ from recjax.layers.mlp import MLP, dense, mlp_flops
 from recjax.layers.token_mixing import (
     fan_in_init,
     mix,
-    normal_init,
     revert,
     rms_norm,
     stacked_param,
     swiglu,
+    xavier_init,
 )
 from recjax.layers.tokenizer import FeatureTokenizer, semantic_groups, tokenizer_flops
 from recjax.models.registry import register
@@ -92,13 +107,15 @@ class TokenMixerLargeConfig(ModelConfig):
     aux_layer: int = 0  # aux head on this layer's output (1..L-1); 0 = L // 2
     aux_loss_weight: float = 0.1  # 0 = no auxiliary loss
     # ablations
+    block_layout: Literal["paper", "mixed_residual"] = "paper"
+    down_init_scale: float = 0.01  # SwiGLU W_down = this x Xavier-uniform
     mix_revert: bool = True
     per_token: bool = True
     residuals: bool = True
     global_token: bool = True
     # Sparse-Pertoken MoE in place of the per-token SwiGLU (0 experts = dense)
     moe_experts: int = 0
-    moe_top_k: int = 2
+    moe_top_k: int = 3  # experts used per token, the shared one included
     moe_shared_expert: bool = True
     moe_per_token: bool = True  # false: one standard MoE shared by all token positions
     moe_alpha: float = 0.0  # output scale; 0 = inverse sparsity E / k
@@ -121,9 +138,11 @@ class Shapes:
     mixed_hidden: int
     token_hidden: int
     experts: int
-    top_k: int
+    top_k: int  # routed experts per token: moe_top_k - 1 with the shared expert
     expert_hidden: int
     alpha: float
+    block_layout: str
+    down_init_scale: float
     mix_revert: bool
     per_token: bool
     residuals: bool
@@ -149,8 +168,13 @@ def shapes_of(cfg: Config) -> Shapes:
     banks, width = (h, t * d // h) if m.mix_revert else (t, d)
     token_hidden = round(m.token_ffn_mult * d)
     e = m.moe_experts
-    if e < 0 or (e and not 1 <= m.moe_top_k <= e):
-        raise ConfigError(f"model: need moe_experts >= 0 and 1 <= moe_top_k <= moe_experts (got {e}, {m.moe_top_k})")
+    routed = m.moe_top_k - int(m.moe_shared_expert)
+    if e < 0 or (e and not 1 <= routed <= e):
+        shared = " + 1 (the shared expert counts as one)" if m.moe_shared_expert else ""
+        raise ConfigError(f"model: need moe_experts >= 0 and 1{shared} <= moe_top_k <= moe_experts{shared} "
+                          f"(got moe_experts={e}, moe_top_k={m.moe_top_k})")
+    if m.block_layout not in ("paper", "mixed_residual"):
+        raise ConfigError(f"model.block_layout must be 'paper' or 'mixed_residual', got {m.block_layout!r}")
     if e and token_hidden % e:
         raise ConfigError(f"model: per-token hidden width {token_hidden} (token_ffn_mult * dim) must divide into {e} experts")
     if m.residual_every < 0:
@@ -158,9 +182,9 @@ def shapes_of(cfg: Config) -> Shapes:
     return Shapes(
         tokens=t, dim=d, layers=m.num_layers, banks=banks, bank_width=width,
         mixed_hidden=round(m.mixed_ffn_mult * width), token_hidden=token_hidden,
-        experts=e, top_k=m.moe_top_k, expert_hidden=token_hidden // e if e else 0,
-        alpha=(m.moe_alpha or (e / m.moe_top_k)) if e else 1.0,
-        mix_revert=m.mix_revert, per_token=m.per_token, residuals=m.residuals,
+        experts=e, top_k=routed if e else 0, expert_hidden=token_hidden // e if e else 0,
+        alpha=(m.moe_alpha or (e / routed)) if e else 1.0,
+        block_layout=m.block_layout, down_init_scale=m.down_init_scale, mix_revert=m.mix_revert, per_token=m.per_token, residuals=m.residuals,
         moe_per_token=m.moe_per_token, shared_expert=m.moe_shared_expert, moe_impl=m.moe_impl,
     )
 
@@ -192,46 +216,55 @@ def layer_params(s: Shapes, rngs: nnx.Rngs) -> dict[str, nnx.Param]:
             return stacked_param(rngs, (L, n_banks, *shape), ("layers", "tokens", *axes), init)
         return stacked_param(rngs, (L, *shape), ("layers", *axes), init)
 
+    up, down = xavier_init(), xavier_init(s.down_init_scale)
+    norm_shape = (s.banks, s.bank_width) if s.block_layout == "mixed_residual" else (T, D)
     p = {
-        "mix_norm": stacked_param(rngs, (L, s.banks, s.bank_width), ("layers", "tokens", None), ones),
-        "mix_gate": bank(s.banks, (s.bank_width, s.mixed_hidden), ("embed", "mlp"), fan_in_init()),
-        "mix_up": bank(s.banks, (s.bank_width, s.mixed_hidden), ("embed", "mlp"), fan_in_init()),
-        "mix_down": bank(s.banks, (s.mixed_hidden, s.bank_width), ("mlp", "embed"), fan_in_init()),
+        "mix_norm": stacked_param(rngs, (L, *norm_shape), ("layers", "tokens", None), ones),
+        "mix_gate": bank(s.banks, (s.bank_width, s.mixed_hidden), ("embed", "mlp"), up),
+        "mix_up": bank(s.banks, (s.bank_width, s.mixed_hidden), ("embed", "mlp"), up),
+        "mix_down": bank(s.banks, (s.mixed_hidden, s.bank_width), ("mlp", "embed"), down),
         "tok_norm": stacked_param(rngs, (L, T, D), ("layers", "tokens", None), ones),
     }
     if not s.experts:
-        p["tok_gate"] = bank(T, (D, s.token_hidden), ("embed", "mlp"), fan_in_init())
-        p["tok_up"] = bank(T, (D, s.token_hidden), ("embed", "mlp"), fan_in_init())
-        p["tok_down"] = bank(T, (s.token_hidden, D), ("mlp", "embed"), fan_in_init())
+        p["tok_gate"] = bank(T, (D, s.token_hidden), ("embed", "mlp"), up)
+        p["tok_up"] = bank(T, (D, s.token_hidden), ("embed", "mlp"), up)
+        p["tok_down"] = bank(T, (s.token_hidden, D), ("mlp", "embed"), down)
         return p
     E, F = s.experts, s.expert_hidden
     lead, lead_axes = ((L, T), ("layers", "tokens")) if s.moe_per_token else ((L,), ("layers",))
     p["router"] = stacked_param(rngs, (*lead, D, E), (*lead_axes, "embed", None), fan_in_init())
-    p["expert_gate"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), fan_in_init())
-    p["expert_up"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), fan_in_init())
-    p["expert_down"] = stacked_param(rngs, (*lead, E, F, D), (*lead_axes, "experts", "mlp", "embed"), normal_init(0.01))
+    p["expert_gate"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), up)
+    p["expert_up"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), up)
+    p["expert_down"] = stacked_param(rngs, (*lead, E, F, D), (*lead_axes, "experts", "mlp", "embed"), down)
     if s.shared_expert:
-        p["shared_gate"] = bank(T, (D, F), ("embed", "mlp"), fan_in_init())
-        p["shared_up"] = bank(T, (D, F), ("embed", "mlp"), fan_in_init())
-        p["shared_down"] = bank(T, (F, D), ("mlp", "embed"), normal_init(0.01))
+        p["shared_gate"] = bank(T, (D, F), ("embed", "mlp"), up)
+        p["shared_up"] = bank(T, (D, F), ("embed", "mlp"), up)
+        p["shared_down"] = bank(T, (F, D), ("mlp", "embed"), down)
     return p
 
 
 def block(s: Shapes, p: dict[str, jax.Array], x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One mixing-and-reverting block: ``x [B, T, D]`` -> ``([B, T, D], MoE statistics)``."""
-    hm = mix(x, s.banks) if s.mix_revert else x
-    hm = constrain(hm, ("batch", "tokens", None))
-    f = swiglu(rms_norm(hm, p["mix_norm"]), p["mix_gate"], p["mix_up"], p["mix_down"])
-    h = hm + f if s.residuals else f
-    x_rev = constrain(revert(h, s.tokens) if s.mix_revert else h, ("batch", "tokens", None))
-    xn = rms_norm(x_rev, p["tok_norm"])
+    to_mixed = (lambda a: mix(a, s.banks)) if s.mix_revert else (lambda a: a)
+    to_tokens = (lambda a: revert(a, s.tokens)) if s.mix_revert else (lambda a: a)
+    tokens = lambda a: constrain(a, ("batch", "tokens", None))
+    if s.block_layout == "paper":
+        f = swiglu(tokens(to_mixed(rms_norm(x, p["mix_norm"]))), p["mix_gate"], p["mix_up"], p["mix_down"])
+        x1 = tokens(x + to_tokens(f) if s.residuals else to_tokens(f))
+        skip = x1
+    else:  # mixed_residual
+        hm = tokens(to_mixed(x))
+        f = swiglu(rms_norm(hm, p["mix_norm"]), p["mix_gate"], p["mix_up"], p["mix_down"])
+        x1 = tokens(to_tokens(hm + f if s.residuals else f))
+        skip = x
+    xn = rms_norm(x1, p["tok_norm"])
     stats: dict[str, jax.Array] = {}
     if not s.experts:
         g = swiglu(xn, p["tok_gate"], p["tok_up"], p["tok_down"])
     else:
         g, stats = _sp_moe(s, p, xn)
-    out = x + g if s.residuals else g
-    return constrain(out, ("batch", "tokens", None)), stats
+    out = skip + g if s.residuals else g
+    return tokens(out), stats
 
 
 def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
