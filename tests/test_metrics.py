@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recjax.tasks import metrics as M
 
@@ -69,6 +71,22 @@ def test_streaming_eval_fields():
     hq = -(q * np.log(q) + (1 - q) * np.log(1 - q))
     assert r["bayes_logloss"] == pytest.approx(hq.mean(), rel=1e-10)
     assert r["bayes_ne"] == pytest.approx(hq.mean() / h, rel=1e-10)
+    kl = q * np.log(q / pc) + (1 - q) * np.log((1 - q) / (1 - pc))
+    assert r["excess_kl"] == pytest.approx(kl.mean(), rel=1e-10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_excess_kl_is_the_expected_logloss_above_bayes(n, seed):
+    """KL(q || p) >= 0, = 0 at p = q, and = E_{y ~ q}[logloss(p, y)] - mean H(q) exactly (the
+    expectation over labels is linear, so it is computed in closed form with y = q)."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(1e-4, 1 - 1e-4, n)
+    p = np.where(rng.random(n) < 0.2, q, rng.uniform(1e-4, 1 - 1e-4, n))
+    kl = M.excess_kl(p, q)
+    assert kl >= 0 and M.excess_kl(q, q) == pytest.approx(0.0, abs=1e-15)
+    expected_logloss = -np.mean(q * np.log(p) + (1 - q) * np.log1p(-p))
+    assert kl == pytest.approx(expected_logloss - np.mean(M.binary_entropy(q)), rel=1e-9, abs=1e-12)
 
 
 def test_ne_of_base_rate_prediction_is_one():

@@ -33,6 +33,8 @@ def test_train_writes_logs_tensorboard_checkpoint_and_learns(tmp_path: pathlib.P
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 30, 60]
     assert all(r["logloss"] > r["bayes_logloss"] for r in evals)
+    assert all(r["excess_kl"] > 0 for r in evals) and evals[-1]["excess_kl"] < evals[0]["excess_kl"]
+    assert "excess KL" in out
     assert evals[-1]["logloss"] < evals[0]["logloss"]
     trains = [r for r in records if r["split"] == "train"]
     assert trains[-1]["loss"] < trains[0]["loss"]

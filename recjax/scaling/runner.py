@@ -94,7 +94,7 @@ def quality_columns(report: dict[str, Any]) -> results.Row:
     last = (report.get("eval") or {}).get("eval")
     if last is not None:
         out.update(eval_logloss=last.get("logloss"), eval_ne=last.get("ne"), eval_auc=last.get("auc"),
-                   bayes_logloss=last.get("bayes_logloss"))
+                   bayes_logloss=last.get("bayes_logloss"), excess_kl=last.get("excess_kl"))
     if report.get("best_metric"):
         out.update(best_metric=report["best_metric"], best_value=report.get("best_value"),
                    best_step=report.get("best_step"))

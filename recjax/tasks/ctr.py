@@ -101,7 +101,8 @@ class CTRTask(Task):
     def format_eval(self, split: str, step: int, m: dict[str, float]) -> str:
         parts = [f"{split} @ {step}: logloss {m['logloss']:.5f}"]
         if "bayes_logloss" in m:
-            parts.append(f"(Bayes-optimal {m['bayes_logloss']:.5f}, gap {m['logloss'] - m['bayes_logloss']:+.5f})")
+            parts.append(f"(Bayes-optimal {m['bayes_logloss']:.5f}, gap {m['logloss'] - m['bayes_logloss']:+.5f}, "
+                         f"excess KL {m['excess_kl']:.5f})")
         parts.append(f"| NE {m['ne']:.4f} | AUC {m['auc']:.4f}")
         if "gauc" in m:
             parts.append(f"| GAUC {m['gauc']:.4f}")

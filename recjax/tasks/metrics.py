@@ -1,4 +1,5 @@
-"""Evaluation metrics on host numpy: logloss, NE, exact AUC, GAUC, calibration, Bayes logloss.
+"""Evaluation metrics on host numpy: logloss, NE, exact AUC, GAUC, calibration, Bayes logloss,
+excess KL.
 
 Conventions (``p`` predicted probabilities, ``y`` labels in {0, 1}, ``n`` examples)::
 
@@ -8,6 +9,8 @@ Conventions (``p`` predicted probabilities, ``y`` labels in {0, 1}, ``n`` exampl
     auc     = P(p_pos > p_neg) + 0.5 P(p_pos = p_neg)  exact, average ranks for ties
     gauc    = sum_u n_u auc_u / sum_u n_u              over users with both classes
     bayes_logloss = mean H(q_i)                        q_i: the teacher's true P(y_i = 1)
+    excess_kl = mean KL(q_i || p_i)                    = E_y[logloss] - bayes_logloss
+              = mean[q log(q / p) + (1 - q) log((1 - q) / (1 - p))]   (no label noise)
 
 AUC and GAUC are rank statistics computed with one sort (O(n log n)); labels are
 binarised as ``y > 0.5`` for them.
@@ -30,6 +33,15 @@ def binary_entropy(q: np.ndarray | float) -> np.ndarray:
     """``H(q)`` in nats, elementwise, with ``q`` clipped to ``[1e-7, 1 - 1e-7]``."""
     q = _clip(q)
     return -(q * np.log(q) + (1.0 - q) * np.log1p(-q))
+
+
+def excess_kl(probs: np.ndarray, label_prob: np.ndarray) -> float:
+    """``mean KL(q || p)`` in nats of the predictions ``p`` from the teacher's ``q``, both clipped
+    as in :func:`logloss`: the part of the expected logloss above the Bayes loss, without the
+    noise of sampled labels. Each term is >= 0 (Gibbs); float rounding below 0 is cut to 0."""
+    p, q = _clip(probs), _clip(label_prob)
+    kl = q * (np.log(q) - np.log(p)) + (1.0 - q) * (np.log1p(-q) - np.log1p(-p))
+    return float(np.mean(np.maximum(kl, 0.0)))
 
 
 def logloss(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -152,6 +164,8 @@ class StreamingEval:
             out["gauc"], users = gauc(p, y, np.concatenate(self._users))
             out["gauc_users"] = float(users)
         if self._label_prob:
-            out["bayes_logloss"] = float(np.mean(binary_entropy(np.concatenate(self._label_prob))))
+            q = np.concatenate(self._label_prob)
+            out["bayes_logloss"] = float(np.mean(binary_entropy(q)))
             out["bayes_ne"] = out["bayes_logloss"] / base_h
+            out["excess_kl"] = excess_kl(p, q)
         return out
