@@ -71,7 +71,8 @@ class SyntheticDataConfig:
 
     num_sparse: int = 8
     vocab_sizes: list[int] = field(default_factory=lambda: [10_000])  # one per feature, or one for all
-    zipf_exponent: float = 1.05
+    # one for every column, or one per column (the user column last when user_id)
+    zipf_exponent: float | list[float] = 1.05
     num_dense: int = 4
     user_id: bool = True
     num_users: int = 2_000
@@ -79,10 +80,15 @@ class SyntheticDataConfig:
     teacher_hidden: int = 16
     # teacher logit terms: linear, fm (pairwise), dense_mlp, and optionally deep (a tanh MLP
     # over all features' latent vectors and the dense features: interactions of every order)
-    teacher_terms: list[Literal["linear", "fm", "dense_mlp", "deep"]] = field(
+    # and capacity (a wide tanh MLP over the same inputs whose output weights fall as a power
+    # law, so a model's error on it falls with its width)
+    teacher_terms: list[Literal["linear", "fm", "dense_mlp", "deep", "capacity"]] = field(
         default_factory=lambda: ["linear", "fm", "dense_mlp"]
     )
     teacher_logit_scale: float = 1.0  # scales the teacher's interaction terms
+    capacity_width: int = 1024  # hidden units of the capacity term
+    capacity_spectrum: float = 1.0  # gamma: output weight of hidden unit k (1-based) ~ k^-gamma
+    capacity_share: float | None = None  # its share of the logit variance; None = an equal share
     base_ctr: float = 0.25
     seed: int = 1234
 

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from recjax.config import SyntheticDataConfig
-from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR, bayes_logloss, zipf_ids, zipf_top_share
+from recjax.data.synthetic import (
+    EVAL_OFFSET,
+    SyntheticCTR,
+    bayes_logloss,
+    rare_id_fraction,
+    zipf_ids,
+    zipf_probs,
+    zipf_top_share,
+)
 from recjax.errors import ConfigError
+from recjax.tasks.metrics import excess_kl
 
 CFG = SyntheticDataConfig()
 
@@ -158,3 +167,84 @@ def test_deep_teacher_term_is_an_interaction(gen: SyntheticCTR):
     np.testing.assert_array_equal(a["sparse"], b["sparse"])
     assert not np.allclose(a["label_prob"], b["label_prob"])
     assert b["label"].mean() == pytest.approx(CFG.base_ctr, abs=0.03)
+
+
+# ----------------------------------------------------------------------------- scaling-stream knobs
+
+
+def test_zipf_exponent_and_vocab_per_column_set_the_rare_id_fraction():
+    """The fraction of held-out examples whose id occurs < 100 times in n training examples
+    matches ``rare_id_fraction`` per column, and falls with the exponent and with fewer ids."""
+    cfg = dataclasses.replace(CFG, num_sparse=3, vocab_sizes=[20_000, 20_000, 2_000], user_id=False,
+                              zipf_exponent=[1.05, 1.5, 1.05])
+    g = SyntheticCTR(cfg)
+    n = 200_000
+    train = g.examples(np.arange(n, dtype=np.int64))["sparse"]
+    held_out = g.examples(np.arange(20_000, dtype=np.int64) + EVAL_OFFSET)["sparse"]
+    measured = []
+    for col, (vocab, s) in enumerate([(20_000, 1.05), (20_000, 1.5), (2_000, 1.05)]):
+        counts = np.bincount(train[:, col], minlength=vocab)
+        measured.append(float(np.mean(counts[held_out[:, col]] < 100)))
+        assert measured[-1] == pytest.approx(rare_id_fraction(vocab, s, n), abs=0.012), col
+    assert measured[0] > measured[2] > 0.1 > measured[1]
+    same = dataclasses.replace(cfg, zipf_exponent=[1.05, 1.05, 1.05])
+    _assert_batches_equal(SyntheticCTR(same).examples(np.arange(500)),
+                          SyntheticCTR(dataclasses.replace(same, zipf_exponent=1.05)).examples(np.arange(500)))
+    with pytest.raises(ConfigError, match="expected 1 or 3 values"):
+        SyntheticCTR(dataclasses.replace(cfg, zipf_exponent=[1.1, 1.2]))
+
+
+def test_zipf_probs_are_the_law_of_zipf_ids():
+    p = zipf_probs(50, 1.3)
+    assert p.sum() == pytest.approx(1.0) and p[0] == pytest.approx(zipf_top_share(50, 1.3))
+    ids = zipf_ids(np.random.default_rng(0).random(400_000), 50, 1.3)
+    np.testing.assert_allclose(np.bincount(ids, minlength=50) / ids.size, p, atol=0.003)
+
+
+def _capacity_cfg(**kw) -> SyntheticDataConfig:
+    return dataclasses.replace(CFG, teacher_terms=["linear", "fm", "dense_mlp", "capacity"], capacity_width=256,
+                               teacher_logit_scale=2.0, **kw)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.8])
+def test_capacity_share_is_its_share_of_the_logit_variance(share: float):
+    g = SyntheticCTR(_capacity_cfg(capacity_share=share))
+    ids = np.arange(20_000, dtype=np.int64) + EVAL_OFFSET
+    var = g.logit_terms(ids).var(axis=0)
+    assert var[-1] / var.sum() == pytest.approx(share, abs=0.03)
+    assert var.sum() == pytest.approx(4.0, rel=0.05)  # teacher_logit_scale ** 2
+    np.testing.assert_allclose(g.label_prob(ids), g.examples(ids)["label_prob"], rtol=1e-6)
+    np.testing.assert_array_equal(g.label_prob(ids, 256), g.label_prob(ids))
+
+
+def test_capacity_spectrum_sets_how_fast_a_narrower_copy_catches_up():
+    """Excess KL of the teacher cut to its first m capacity units falls with m, faster for a
+    steeper spectrum (about m^(1 - 2 gamma))."""
+    ids = np.arange(10_000, dtype=np.int64) + EVAL_OFFSET
+    widths = [4, 16, 64, 128]
+    slopes = {}
+    for gamma in (0.75, 1.5):
+        g = SyntheticCTR(_capacity_cfg(capacity_share=0.7, capacity_spectrum=gamma))
+        q = g.label_prob(ids)
+        kls = [excess_kl(g.label_prob(ids, m), q) for m in widths]
+        assert all(a > b > 0 for a, b in zip(kls, kls[1:], strict=False)), (gamma, kls)
+        slopes[gamma] = np.polyfit(np.log(widths), np.log(kls), 1)[0]
+    assert slopes[1.5] < slopes[0.75] - 0.7 and slopes[0.75] < -0.25
+
+
+def test_logit_scale_raises_the_learnable_signal():
+    ids = np.arange(20_000, dtype=np.int64) + EVAL_OFFSET
+    kl = {}
+    for scale in (1.0, 2.0):
+        q = SyntheticCTR(dataclasses.replace(CFG, teacher_logit_scale=scale)).label_prob(ids)
+        kl[scale] = excess_kl(np.full_like(q, q.mean()), q)
+    assert 0.05 < kl[1.0] < 0.1 and kl[2.0] > 2 * kl[1.0]
+
+
+def test_capacity_knobs_leave_streams_without_the_term_unchanged(gen: SyntheticCTR):
+    other = SyntheticCTR(dataclasses.replace(CFG, capacity_width=7, capacity_spectrum=3.0))
+    _assert_batches_equal(gen.examples(np.arange(2000)), other.examples(np.arange(2000)))
+    with pytest.raises(ConfigError, match="capacity_share"):
+        SyntheticCTR(dataclasses.replace(CFG, capacity_share=0.5))
+    with pytest.raises(ConfigError, match="capacity_share"):
+        SyntheticCTR(_capacity_cfg(capacity_share=1.5))

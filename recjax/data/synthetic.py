@@ -6,23 +6,45 @@ indices are split over processes, batches or threads, and nothing vocabulary-siz
 
 Per example (``F = num_sparse`` item features, plus the ``user`` column when ``user_id``):
 
-- item id of feature ``f``: Zipf-like over ``[0, vocab_f)`` with exponent ``s``, drawn by the
-  inverse CDF of a continuous power law on ``[1, vocab_f + 1)`` then floored (O(1) memory, fine
-  for vocabularies up to 1e9). Id 0 is the most frequent, id 1 the next, and so on.
+- item id of feature ``f``: Zipf-like over ``[0, vocab_f)`` with exponent ``s_f``
+  (``zipf_exponent``: one for all columns or one per column), drawn by the inverse CDF of a
+  continuous power law on ``[1, vocab_f + 1)`` then floored (O(1) memory, fine for
+  vocabularies up to 1e9). Id 0 is the most frequent, id 1 the next, and so on.
 - user id: the same law over ``[0, num_users)``; the last ``sparse`` column and ``user_id``.
 - dense: ``num_dense`` standard normals (Box-Muller), float32.
-- teacher: ``logit = bias + scale * (lin + fm + mlp) / sqrt(#terms)`` where ``lin`` is the sum
-  of first-order weights per (feature, id) (the user column's weight is the per-user bias),
-  ``fm`` the factorization-machine sum over column pairs of the dot products of rank
-  ``teacher_rank`` latent vectors per (feature, id), and ``mlp`` a fixed random tanh MLP
-  (``teacher_hidden`` units) over the dense features; with ``"deep"`` in ``teacher_terms``
-  also ``deep``, a fixed random tanh MLP (``teacher_hidden`` units) over the concatenation of
-  every column's latent vector and the dense features -- interactions of every order, which
-  a pairwise (FM/DLRM-style) model cannot represent. Weights and latent vectors are hashed
-  from ``(seed, feature, id, k)``. Each term is rescaled to unit std on a fixed calibration
-  sample, so the non-bias part has std about ``teacher_logit_scale``; ``bias`` is then set by
-  bisection so the mean CTR on that sample equals ``base_ctr``.
+- teacher: ``logit = bias + scale * sum_t sqrt(w_t) term_t / std(term_t)`` over
+  ``teacher_terms``: ``linear``, the sum of first-order weights per (feature, id) (the user
+  column's weight is the per-user bias); ``fm``, the factorization-machine sum over column
+  pairs of the dot products of rank ``teacher_rank`` latent vectors per (feature, id);
+  ``dense_mlp``, a fixed random tanh MLP (``teacher_hidden`` units) over the dense features;
+  ``deep``, a fixed random tanh MLP (``teacher_hidden`` units, saturated) over the
+  concatenation ``x`` of every column's latent vector and the dense features -- interactions
+  of every order, which a pairwise (FM/DLRM-style) model cannot represent; ``capacity``,
+  ``sum_k c_k tanh(x u_k + b_k)`` over ``capacity_width`` random units whose output weights
+  fall as a power law, ``|c_k| = k^-gamma`` (``capacity_spectrum``), random signs. Weights and
+  latent vectors are hashed from ``(seed, feature, id, k)``. Each term is rescaled to unit std
+  on a fixed calibration sample; the weights ``w_t`` are equal (``1 / #terms``) or give the
+  capacity term ``capacity_share`` of the summed variance and the rest equal shares, so the
+  non-bias part has std about ``teacher_logit_scale``; ``bias`` is then set by bisection so
+  the mean CTR on that sample equals ``base_ctr``.
 - ``label_prob = sigmoid(logit)``; ``label = uniform < label_prob`` from a separate hash stream.
+
+What the knobs do to a scaling law (measured on the teacher alone by
+``notebooks/stream_knobs.py``, ``notebooks/results/stream_knobs.md``):
+
+- ``teacher_logit_scale`` sets the learnable signal, the KL of the best constant predictor from
+  the teacher: 0.077 / 0.193 / 0.278 at scale 1 / 2 / 3 on the default stream.
+- ``capacity_spectrum`` sets the parameter axis: a width-``m`` copy of the capacity term (its
+  first ``m`` units) leaves an excess KL that falls about as ``m^(1 - 2 gamma)``; measured
+  log-log slopes over m = 4..256 (share 0.7, scale 2): -0.18 / -0.49 / -0.89 / -1.83 at
+  gamma 0.5 / 0.75 / 1 / 1.5. ``capacity_share`` sets how much of the signal that axis holds
+  (exact on the calibration sample: 0.69 measured for 0.7).
+- ``zipf_exponent`` and ``vocab_sizes`` set the data axis: a column's id must be seen to be
+  learnt, and the fraction of examples whose id occurs fewer than 100 times in ``n`` training
+  examples (:func:`rare_id_fraction`) falls about as ``n^-((s - 1) / s)`` while the vocabulary
+  is not exhausted: measured slopes over 0.25M-20M examples -0.36 (s = 1.5, 1e5 ids) and
+  -0.50 (s = 2); the default s = 1.05 with 1e4 ids exhausts its vocabulary (0.34 -> 0.07 ->
+  0.00), the crossover regime in which no power law holds.
 
 Because ``label ~ Bernoulli(label_prob)`` exactly, no model can beat the expected logloss
 ``mean H(label_prob)`` (binary entropy, nats): :func:`bayes_logloss` is the Bayes-optimal
@@ -53,7 +75,8 @@ _USER_STREAM = 1 << 20
 _DENSE_STREAM = 1 << 21
 _LABEL_STREAM = 1 << 22
 _MAX_VOCAB = 2**31 - 1  # ids are int32
-TEACHER_TERMS = ("linear", "fm", "dense_mlp", "deep")
+TEACHER_TERMS = ("linear", "fm", "dense_mlp", "deep", "capacity")
+_CAPACITY_GAIN = 1.5  # pre-activation std of the capacity term's tanh units
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -93,6 +116,24 @@ def zipf_top_share(vocab: int, s: float) -> float:
     return math.expm1(a * math.log(2.0)) / math.expm1(a * math.log(vocab + 1.0))
 
 
+def zipf_probs(vocab: int, s: float) -> np.ndarray:
+    """float64 ``[vocab]``: the exact probability of each id under :func:`zipf_ids` (the power-law
+    mass of ``[i + 1, i + 2)``)."""
+    edges = np.arange(1, vocab + 2, dtype=np.float64)
+    a = 1.0 - s
+    cdf = np.log(edges) if abs(a) < 1e-9 else np.expm1(a * np.log(edges))
+    return np.diff(cdf) / cdf[-1]
+
+
+def rare_id_fraction(vocab: int, s: float, n_train: float, below: int = 100) -> float:
+    """Expected fraction of examples whose id (one column) occurs fewer than ``below`` times in
+    ``n_train`` training examples: ``sum_i p_i P(Poisson(n_train p_i) < below)``."""
+    from scipy.stats import poisson
+
+    p = zipf_probs(vocab, s)
+    return float(np.sum(p * poisson.cdf(below - 1, n_train * p)))
+
+
 def _incs(streams) -> np.ndarray:
     """splitmix64 increments ``stream * GAMMA mod 2^64`` as uint64 ``[len(streams)]``."""
     return np.array([s * int(_GAMMA) % (1 << 64) for s in streams], np.uint64)
@@ -119,13 +160,18 @@ class SyntheticCTR:
             )
         if not 0.0 < cfg.base_ctr < 1.0:
             raise ConfigError(f"data.synthetic.base_ctr must be in (0, 1), got {cfg.base_ctr}")
-        if cfg.zipf_exponent < 0:
-            raise ConfigError(f"data.synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
         vocabs = broadcast_vocab(cfg.vocab_sizes, cfg.num_sparse, "data.synthetic.vocab_sizes")
         if cfg.user_id:
             if cfg.num_users <= 0:
                 raise ConfigError(f"data.synthetic.num_users must be positive, got {cfg.num_users}")
             vocabs = [*vocabs, cfg.num_users]
+        exps = cfg.zipf_exponent if isinstance(cfg.zipf_exponent, list) else [cfg.zipf_exponent]
+        if len(exps) not in (1, len(vocabs)):
+            raise ConfigError(f"data.synthetic.zipf_exponent: expected 1 or {len(vocabs)} values (one per column"
+                              f"{', the user column last' if cfg.user_id else ''}), got {len(exps)}")
+        if any(e < 0 for e in exps):
+            raise ConfigError(f"data.synthetic.zipf_exponent must be >= 0, got {cfg.zipf_exponent}")
+        self.zipf_exponents = [float(e) for e in exps] * (len(vocabs) if len(exps) == 1 else 1)  # [C]
         if any(v > _MAX_VOCAB for v in vocabs):
             raise ConfigError(f"data.synthetic: vocabulary sizes must fit int32 ids, got {vocabs}")
         self.cfg = cfg = dataclasses.replace(cfg, vocab_sizes=list(cfg.vocab_sizes))  # a private copy
@@ -153,12 +199,31 @@ class SyntheticCTR:
         self._deep_w1 = (3.0 * rng.standard_normal((deep_in, h)) / math.sqrt(deep_in)).astype(np.float32)
         self._deep_b1 = (0.5 * rng.standard_normal(h)).astype(np.float32)
         self._deep_w2 = rng.standard_normal(h).astype(np.float32)
-        # calibration: unit-std terms, then the bias that gives base_ctr
+        if "capacity" in cfg.teacher_terms:  # own generator: the other terms stay as they were
+            if cfg.capacity_width < 1 or cfg.capacity_spectrum < 0:
+                raise ConfigError("data.synthetic: capacity_width must be >= 1 and capacity_spectrum >= 0, got "
+                                  f"{cfg.capacity_width}, {cfg.capacity_spectrum}")
+            crng = np.random.default_rng([cfg.seed % (1 << 63), 8])
+            w = cfg.capacity_width
+            self._cap_w1 = (_CAPACITY_GAIN * crng.standard_normal((deep_in, w)) / math.sqrt(deep_in)).astype(np.float32)
+            self._cap_b1 = (0.5 * crng.standard_normal(w)).astype(np.float32)
+            signs = np.where(crng.random(w) < 0.5, -1.0, 1.0)
+            self._cap_w2 = (signs * np.arange(1, w + 1, dtype=np.float64) ** -cfg.capacity_spectrum).astype(np.float32)
+        share = cfg.capacity_share
+        if share is not None and ("capacity" not in cfg.teacher_terms or not 0.0 <= share <= 1.0):
+            raise ConfigError(f"data.synthetic.capacity_share={share} needs 'capacity' in teacher_terms and a "
+                              "value in [0, 1]")
+        # calibration: unit-std terms weighted to their variance shares, then the bias for base_ctr
         terms = self._terms(self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET))
         std = terms.std(axis=0)
         live = std > 1e-9
         self._norm = np.where(live, cfg.teacher_logit_scale / np.where(live, std, 1.0), 0.0)
-        self._norm /= math.sqrt(max(int(live.sum()), 1))
+        if share is None:  # equal shares
+            self._norm /= math.sqrt(max(int(live.sum()), 1))
+        else:
+            is_cap = np.array([t == "capacity" for t in cfg.teacher_terms])
+            others = int((live & ~is_cap).sum())
+            self._norm *= np.sqrt(np.where(is_cap, share, (1.0 - share) / max(others, 1)))
         z = terms @ self._norm
         lo, hi = -40.0, 40.0
         for _ in range(80):
@@ -175,7 +240,11 @@ class SyntheticCTR:
             raise ValueError(f"example_ids must be 1-D, got shape {ids.shape}")
         base = mix64(ids.astype(np.uint64) * _GAMMA ^ self._ex_key)  # [B]
         cols = mix64(base[None, :] + self._stream_inc[:, None])  # [C, B]
-        sparse = zipf_ids(_u53(cols), self.vocabs[:, None], self.cfg.zipf_exponent)
+        u = _u53(cols)
+        if len(set(self.zipf_exponents)) == 1:
+            sparse = zipf_ids(u, self.vocabs[:, None], self.zipf_exponents[0])
+        else:
+            sparse = np.stack([zipf_ids(u[c], self.vocabs[c], e) for c, e in enumerate(self.zipf_exponents)])
         npair = (self.cfg.num_dense + 1) // 2
         u = _u53(mix64(base[:, None] + self._dense_inc))  # [B, 2 * npair]
         rad = np.sqrt(-2.0 * np.log1p(-u[:, :npair]))  # 1 - u in (0, 1]
@@ -186,8 +255,9 @@ class SyntheticCTR:
 
     # ----------------------------------------------------------------- teacher side
 
-    def _terms(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order."""
+    def _terms(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
+        """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order; the
+        capacity term summed over its first ``capacity_units`` hidden units only, if given."""
         sparse, dense = feats["sparse"], feats["dense"]  # [C, B], [B, D]
         c, b = sparse.shape
         r = self.cfg.teacher_rank
@@ -202,10 +272,24 @@ class SyntheticCTR:
         v = vals[:, :, :r]
         fm = 0.5 * ((tot[:, :r] ** 2).sum(axis=1) - np.einsum("cbk,cbk->b", v, v))
         terms = {"linear": lin, "fm": fm, "dense_mlp": np.tanh(dense @ self._w1 + self._b1) @ self._w2}
-        if "deep" in self.cfg.teacher_terms:
+        if "deep" in self.cfg.teacher_terms or "capacity" in self.cfg.teacher_terms:
             x = np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense], axis=1)
+        if "deep" in self.cfg.teacher_terms:
             terms["deep"] = np.tanh(x @ self._deep_w1 + self._deep_b1) @ self._deep_w2
+        if "capacity" in self.cfg.teacher_terms:
+            m = self.cfg.capacity_width if capacity_units is None else capacity_units
+            terms["capacity"] = np.tanh(x @ self._cap_w1[:, :m] + self._cap_b1[:m]) @ self._cap_w2[:m]
         return np.stack([terms[t] for t in self.cfg.teacher_terms], axis=1).astype(np.float64)
+
+    def logit_terms(self, example_ids: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
+        """The teacher's logit parts ``[B, len(teacher_terms)]`` (scaled: their sum plus the bias is
+        the logit); ``capacity_units`` truncates the capacity term to its first hidden units."""
+        return self._terms(self._features(example_ids), capacity_units) * self._norm
+
+    def label_prob(self, example_ids: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
+        """float64 ``[B]`` teacher probabilities; with ``capacity_units`` those of the teacher whose
+        capacity term keeps only its first hidden units (the best a width-m copy of it can do)."""
+        return _sigmoid(self._bias + self.logit_terms(example_ids, capacity_units).sum(axis=1))
 
     def examples(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The batch dict of :mod:`recjax.data.spec` for the given global ids ``[B]`` (int64).
