@@ -200,3 +200,29 @@ def test_fit_cli_writes_json_and_plots(tmp_path, capsys):
     assert eff == pytest.approx(api.params["ratio"]) and eff > 1
     assert main(["fit", str(table), "--law", "chinchilla", "--out", str(out)]) == 1
     assert "pick one with --model" in capsys.readouterr().out
+
+
+def test_fit_cli_excess_kl_holds_e_at_zero_and_keeps_the_free_e_check(tmp_path, capsys):
+    """``--loss excess_kl``: KL = A/N^alpha + B/D^beta with E = 0 recovers the exponents; the free-E
+    fit is stored beside it and finds E near 0."""
+    from recjax.cli import main
+
+    rng = np.random.default_rng(4)
+    table = tmp_path / "results.csv"
+    true = {"E": 0.0, "A": 3.0, "B": 40.0, "alpha": 0.4, "beta": 0.5}
+    grid = [(n, d) for n in np.geomspace(1e4, 1e6, 5) for d in np.geomspace(1e5, 2e6, 4)]
+    for i, (n, d) in enumerate(grid):
+        kl = float(F.chinchilla_loss(n, d, **true) * np.exp(rng.normal(0, 0.02)))
+        results.upsert_row(table, {"run_id": f"r{i}", "model": "m", "status": "ok", "active_params": int(n),
+                                   "examples_seen": int(d), "train_flops_total": 6.0 * n * d,
+                                   "excess_kl": kl, "eval_logloss": 0.5 + kl, "bayes_logloss": 0.5})
+    out = tmp_path / "fits"
+    assert main(["fit", str(table), "--law", "chinchilla", "--loss", "excess_kl", "--n-boot", "40",
+                 "--out", str(out)]) == 0, capsys.readouterr().out
+    doc = json.loads((out / "fit_chinchilla.json").read_text())
+    p = doc["params"]
+    assert doc["fixed_E"] == 0.0 and p["E"]["value"] == 0.0
+    for k in ("alpha", "beta"):
+        assert p[k]["lo"] <= true[k] <= p[k]["hi"] and p[k]["hi"] - p[k]["lo"] < 0.2, (k, p[k])
+    assert doc["free_E_check"]["E"]["value"] < 0.01 and "alpha" in doc["free_E_check"]
+    assert (out / "chinchilla.png").stat().st_size > 1000

@@ -242,12 +242,16 @@ def _fit_lse(
 _FIT_DEFAULTS = {"first_pass": 10, "keep": 32, "boot_starts": 4, "max_iter": 500}
 
 
+_LOG_ZERO = -1000.0  # log E for E = 0: exp underflows to exactly 0 next to any loss term
+
+
 def _irreducible(E: float | None) -> float | None:
+    """``log E`` for a fixed ``E >= 0`` (``E = 0``: a loss that is all reducible, e.g. excess KL)."""
     if E is None:
         return None
-    if not E > 0:
-        raise ValueError(f"a fixed irreducible loss E must be > 0, got {E}")
-    return float(np.log(E))
+    if not E >= 0:
+        raise ValueError(f"a fixed irreducible loss E must be >= 0, got {E}")
+    return float(np.log(E)) if E > 0 else _LOG_ZERO
 
 
 def fit_power_law(

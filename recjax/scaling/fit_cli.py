@@ -8,6 +8,10 @@ dense parameters one example uses), D is ``examples_seen``, C is ``train_flops_t
 the compute-optimal allocation uses ``C = k N D`` with ``k`` the table's median
 ``train_flops_total / (N D)`` unless ``--flops-per-param-example`` is given.
 Writes ``<out>/fit_<law>.json`` and ``<out>/<law>.png`` (default out: ``<table dir>/fits``).
+
+``--loss excess_kl`` (mean KL from the teacher, synthetic data) fits an excess loss: ``E`` is
+held at 0 unless ``--fix-e`` says otherwise (``A/N^alpha + B/D^beta``, ``A/C^alpha``), and the
+free-``E`` fit is stored beside it as a check (``free_E_check`` in the JSON).
 """
 
 from __future__ import annotations
@@ -78,17 +82,26 @@ def fit_law(law: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> t
         n, d = column(rows, args.n_col), column(rows, "examples_seen")
         c, loss = column(rows, "train_flops_total"), column(rows, args.loss)
         k = args.flops_per_param_example or float(np.median(c / (n * d)))
-        fixed = _fixed_e(args.fix_e, rows)
+        excess = args.loss == "excess_kl"
+        fixed = 0.0 if excess and args.fix_e is None else _fixed_e(args.fix_e, rows)
+        floor = None if excess else _floor(rows)
     if law == "power":
         fit = F.fit_power_law(c, loss, E=fixed, **kw)
+        if excess and fixed == 0.0:
+            fit.info["free_E_check"] = _params(F.fit_power_law(c, loss, **kw))
         fig, (ax,) = plots.new_figure()
-        plots.frontier(ax, c, loss, power=fit, floor=_floor(rows))
+        plots.frontier(ax, c, loss, power=fit, floor=floor)
+        if excess:
+            ax.set_yscale("log")
     elif law == "chinchilla":
         fit = F.fit_chinchilla(n, d, loss, E=fixed, **kw)
         fit.info["flops_per_param_example"] = k
+        if excess and fixed == 0.0:
+            fit.info["free_E_check"] = _params(F.fit_chinchilla(n, d, loss, **kw))
         fig, axes = plots.new_figure(3)
-        plots.frontier(axes[0], c, loss, chinchilla=fit, flops_per_param_example=k,
-                       floor=_floor(rows))
+        plots.frontier(axes[0], c, loss, chinchilla=fit, flops_per_param_example=k, floor=floor)
+        if excess:
+            axes[0].set_yscale("log")
         plots.compute_optimal(axes[1], axes[2], fit, c, k)
     elif law == "isoflop":
         fit = F.fit_isoflop(n, loss, c, method=args.isoflop_method, rtol=args.budget_rtol, **kw)
@@ -119,6 +132,11 @@ def fit_law(law: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> t
     else:
         raise ValueError(f"unknown law {law!r}; choose from {LAWS}")
     return fit, fig
+
+
+def _params(fit: Any) -> dict[str, Any]:
+    """A fit's parameters with their intervals (as in its JSON), for a check stored beside it."""
+    return fit.to_dict()["params"]
 
 
 def _fixed_e(value: str | None, rows: list[dict[str, Any]]) -> float | None:
