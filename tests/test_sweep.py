@@ -125,6 +125,7 @@ def test_sweep_runs_in_workers_records_failure_and_resumes(tmp_path, capsys):
     assert ok["status"] == "ok" and ok["steps"] == 3 and ok["examples_seen"] == 192
     assert 0 < ok["bayes_logloss"] < ok["eval_logloss"] < 1 and 0 < ok["eval_auc"] < 1
     assert 0 < ok["excess_kl"] < ok["eval_logloss"]
+    assert 0 < ok["data_floor_kl"] < ok["excess_kl"]  # 192 examples: far from what the data allows
     assert ok["dense_params"] > 0 and ok["embedding_params"] > 0 and ok["step_time_median"] > 0
     assert ok["train_flops_total"] == pytest.approx(3 * ok["fwd_flops_per_example"] * 192)
     assert ok["device_kind"] == "cpu" and ok["n_devices"] == 1 and ok["mfu"] is None

@@ -255,10 +255,9 @@ class SyntheticCTR:
 
     # ----------------------------------------------------------------- teacher side
 
-    def _terms(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
-        """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order; the
-        capacity term summed over its first ``capacity_units`` hidden units only, if given."""
-        sparse, dense = feats["sparse"], feats["dense"]  # [C, B], [B, D]
+    def _id_params(self, sparse: np.ndarray) -> np.ndarray:
+        """float32 ``[C, B, r + 1]``: each example's per-id teacher parameters per column (``r``
+        latent entries, then the first-order weight), uniform on ``[-sqrt 3, sqrt 3)`` (variance 1)."""
         c, b = sparse.shape
         r = self.cfg.teacher_rank
         nh = (r + 2) // 2  # two 32-bit values per hash: r latent + 1 first-order weight
@@ -266,14 +265,25 @@ class SyntheticCTR:
         h = mix64(fid[:, :, None] + self._latent_inc)  # [C, B, nh]
         u32 = h.view(np.uint32).reshape(c, b, 2 * nh)[:, :, : r + 1]
         sqrt3 = math.sqrt(3.0)
-        vals = u32.astype(np.float32) * np.float32(2.0 * sqrt3 / 2**32) - np.float32(sqrt3)
-        tot = vals.sum(axis=0, dtype=np.float32)  # [B, r + 1]; unit-variance entries
+        return u32.astype(np.float32) * np.float32(2.0 * sqrt3 / 2**32) - np.float32(sqrt3)
+
+    def _terms(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
+        """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order; the
+        capacity term summed over its first ``capacity_units`` hidden units only, if given."""
+        return self._terms_of(self._id_params(feats["sparse"]), feats["dense"], capacity_units)
+
+    def _terms_of(self, vals: np.ndarray, dense: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
+        """:meth:`_terms` from explicit per-id parameters ``vals [C, B, r + 1]`` (float32 for the
+        stream; float64 to differentiate the teacher numerically)."""
+        c, b, _ = vals.shape
+        r = self.cfg.teacher_rank
+        tot = vals.sum(axis=0, dtype=vals.dtype)  # [B, r + 1]; unit-variance entries
         lin = tot[:, r]
         v = vals[:, :, :r]
         fm = 0.5 * ((tot[:, :r] ** 2).sum(axis=1) - np.einsum("cbk,cbk->b", v, v))
         terms = {"linear": lin, "fm": fm, "dense_mlp": np.tanh(dense @ self._w1 + self._b1) @ self._w2}
         if "deep" in self.cfg.teacher_terms or "capacity" in self.cfg.teacher_terms:
-            x = np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense], axis=1)
+            x = np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense.astype(vals.dtype)], axis=1)
         if "deep" in self.cfg.teacher_terms:
             terms["deep"] = np.tanh(x @ self._deep_w1 + self._deep_b1) @ self._deep_w2
         if "capacity" in self.cfg.teacher_terms:

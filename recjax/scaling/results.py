@@ -16,8 +16,9 @@ Columns (``COLUMNS``, in order; empty cell = unknown / not applicable):
   ``tflops_per_device``, ``mfu`` (fraction of ``peak_flops``);
 - quality: ``train_loss`` (the last logged training loss, every task);
   CTR: ``eval_logloss, eval_ne, eval_auc`` (the evaluation at the final step),
-  ``bayes_logloss`` and ``excess_kl`` (mean KL of the predictions from the teacher's
-  probabilities; synthetic data only);
+  ``bayes_logloss``, ``excess_kl`` (mean KL of the predictions from the teacher's
+  probabilities) and ``data_floor_kl`` (the excess KL an idealised learner keeps after
+  ``examples_seen`` examples, :mod:`recjax.data.synthetic_floor`): synthetic data only;
   ranking (seqrec): ``best_metric`` (``split/name``, e.g. ``valid/ndcg@10``), ``best_value``
   and ``best_step`` (its best value and where), ``valid_hr@10, valid_ndcg@10, valid_mrr`` (the
   validation of the parameters that were tested: the best ones), ``test_hr@10, test_ndcg@10,
@@ -54,7 +55,7 @@ COLUMNS: dict[str, type] = {
     "step_time_median": float, "examples_per_s": float, "tflops_per_device": float, "mfu": float,
     "train_loss": float,
     "eval_logloss": float, "eval_ne": float, "eval_auc": float, "bayes_logloss": float,
-    "excess_kl": float,
+    "excess_kl": float, "data_floor_kl": float,
     "best_metric": str, "best_value": float, "best_step": int,
     "valid_hr@10": float, "valid_ndcg@10": float, "valid_mrr": float,
     "test_hr@10": float, "test_ndcg@10": float, "test_mrr": float, "test_value": float,

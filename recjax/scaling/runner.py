@@ -145,7 +145,30 @@ def result_row(sweep: Sweep, run: Run, report: dict[str, Any], wall_s: float) ->
         mfu=flops_lib.mfu(flops_step_dev, step_time or 0.0, peak),
         **quality, status="ok", wall_time_s=wall_s,
     )
+    if report["task"] == "ctr" and cfg.data.source == "synthetic":
+        row["data_floor_kl"] = data_floor_kl(cfg.data.synthetic, row["examples_seen"])
     return row
+
+
+FLOOR_EXAMPLES = 4096  # held-out examples the data-limited floor averages over
+_floors: dict[str, Any] = {}  # stream config (JSON) -> DataLimitedFloor, reused across a sweep's budgets
+
+
+def data_floor_kl(stream: Any, examples: int) -> float:
+    """The stream's data-limited floor after ``examples`` training examples
+    (:mod:`recjax.data.synthetic_floor`), on the first ``FLOOR_EXAMPLES`` eval examples."""
+    import dataclasses
+
+    import numpy as np
+
+    from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR
+    from recjax.data.synthetic_floor import DataLimitedFloor
+
+    key = json.dumps(dataclasses.asdict(stream), sort_keys=True)
+    if key not in _floors:
+        ids = np.arange(FLOOR_EXAMPLES, dtype=np.int64) + EVAL_OFFSET
+        _floors[key] = DataLimitedFloor(SyntheticCTR(stream), ids)
+    return float(_floors[key].kl(examples)[0])
 
 
 def quality_summary(row: results.Row) -> str | None:
