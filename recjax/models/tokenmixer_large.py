@@ -42,8 +42,7 @@ mix heads, ``L`` layers, ``E`` experts.
   ``alpha`` = the routed inverse sparsity ``E/k'`` unless set, an optional switch
   load-balancing loss. With a single routed expert its gate is softmax of one score, 1, and
   the router learns nothing from the task loss (only from the balancing loss): keep ``k' >= 2``.
-  Dropless; computed by :func:`recjax.kernels.moe.moe_ffn` (the only
-  MoE code path).
+  Dropless; computed by :func:`recjax.kernels.moe.moe_ffn` (the only MoE code path).
 - **Optimizer.** The paper trains dense and sparse parameters with Adagrad (dense lr 0.01,
   sparse 0.05): ``optim.dense={name: adagrad, lr: 0.01}`` with ``optim.embedding={name:
   rowwise_adagrad, lr: 0.05}``; recjax's presets default to Adam for the dense part.
@@ -51,10 +50,10 @@ mix heads, ``L`` layers, ``E`` experts.
 Ablation switches (one key each): ``mix_revert: false`` (the first sublayer runs on the
 token layout, ``T`` banks of width ``D``), ``per_token: false`` (one SwiGLU shared by all
 tokens in both sublayers), ``residuals: false`` (no residual inside the block),
-``block_layout: mixed_residual`` (the earlier block, above), ``residual_every: 0`` (no
-inter-layer residual), ``aux_loss_weight: 0`` (no auxiliary
-loss), ``global_token: false`` (``T`` group tokens, no global token), ``moe_per_token:
-false`` (one standard MoE shared by all token positions).
+``block_layout: mixed_residual`` (the earlier block, above), ``down_init_scale: 1`` (full
+Xavier down-projections), ``residual_every: 0`` (no inter-layer residual),
+``aux_loss_weight: 0`` (no auxiliary loss), ``global_token: false`` (``T`` group tokens, no
+global token), ``moe_per_token: false`` (one standard MoE shared by all token positions).
 
 Layers are stacked (every parameter has a leading ``L`` axis) and run under
 ``jax.lax.scan`` (``scan_layers``), optionally rematerialised per layer (``remat``).
@@ -118,7 +117,7 @@ class TokenMixerLargeConfig(ModelConfig):
     moe_top_k: int = 3  # experts used per token, the shared one included
     moe_shared_expert: bool = True
     moe_per_token: bool = True  # false: one standard MoE shared by all token positions
-    moe_alpha: float = 0.0  # output scale; 0 = inverse sparsity E / k
+    moe_alpha: float = 0.0  # output scale; 0 = routed inverse sparsity E / (routed experts)
     moe_load_balance_weight: float = 0.0
     moe_impl: str = "auto"
     # execution
@@ -184,7 +183,8 @@ def shapes_of(cfg: Config) -> Shapes:
         mixed_hidden=round(m.mixed_ffn_mult * width), token_hidden=token_hidden,
         experts=e, top_k=routed if e else 0, expert_hidden=token_hidden // e if e else 0,
         alpha=(m.moe_alpha or (e / routed)) if e else 1.0,
-        block_layout=m.block_layout, down_init_scale=m.down_init_scale, mix_revert=m.mix_revert, per_token=m.per_token, residuals=m.residuals,
+        block_layout=m.block_layout, down_init_scale=m.down_init_scale,
+        mix_revert=m.mix_revert, per_token=m.per_token, residuals=m.residuals,
         moe_per_token=m.moe_per_token, shared_expert=m.moe_shared_expert, moe_impl=m.moe_impl,
     )
 
