@@ -12,7 +12,9 @@ No training: every number comes from the teacher itself on 20,000 held-out examp
 - ``zipf_exponent`` and ``vocab_sizes``: the expected fraction of examples whose id occurs
   fewer than 100 times in ``n`` training examples (``rare_id_fraction``; checked against
   counts drawn from the stream in ``tests/test_data_synthetic.py``) and its log-log slope in
-  ``n`` (the data axis).
+  ``n`` (the data axis), and the data-limited floor (``recjax.data.synthetic_floor``: the
+  excess KL an idealised learner keeps after ``n`` examples) of the default and the scaling
+  stream with its log-log slope.
 
 Writes ``notebooks/results/stream_knobs.{json,md}``::
 
@@ -32,6 +34,7 @@ import numpy as np
 
 from recjax.config import SyntheticDataConfig
 from recjax.data.synthetic import EVAL_OFFSET, SyntheticCTR, rare_id_fraction
+from recjax.data.synthetic_floor import data_limited_kl
 from recjax.tasks.metrics import excess_kl
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "stream_knobs"
@@ -82,6 +85,16 @@ def data_axis() -> list[dict]:
     return rows
 
 
+def data_floor() -> list[dict]:
+    budgets = (1e5, 2.5e5, 7.5e5, 2e6, 5e6, 2e7)
+    rows = []
+    for name, cfg in (("default", SyntheticDataConfig()), ("scaling", SCALING)):
+        kl = data_limited_kl(SyntheticCTR(cfg), budgets, EVAL[:4096])
+        rows.append({"stream": name, "floor_kl": dict(zip((f"{n:.2g}" for n in budgets), kl.tolist(), strict=True)),
+                     "slope_in_examples": slope(budgets, kl)})
+    return rows
+
+
 def markdown(payload: dict) -> str:
     out = ["Synthetic stream knobs, measured on the teacher (20,000 held-out examples; no training).", "",
            "Learnable signal: KL of the constant predictor from the teacher.", "",
@@ -102,6 +115,12 @@ def markdown(payload: dict) -> str:
             "|---:|---:|" + "---:|" * (len(budgets) + 1)]
     out += [f"| {r['zipf_exponent']:g} | {r['vocab']:,} | " + " | ".join(f"{v:.4f}" for v in r["rare_fraction"].values())
             + f" | {r['slope_in_examples']:.2f} |" for r in payload["data_axis"]]
+    budgets = list(payload["data_floor"][0]["floor_kl"])
+    out += ["", "Data-limited floor: excess KL of an idealised learner after n examples (4,096 held-out examples).",
+            "", "| stream | " + " | ".join(f"n={n}" for n in budgets) + " | slope |",
+            "|---|" + "---:|" * (len(budgets) + 1)]
+    out += [f"| {r['stream']} | " + " | ".join(f"{v:.4f}" for v in r["floor_kl"].values())
+            + f" | {r['slope_in_examples']:.2f} |" for r in payload["data_floor"]]
     return "\n".join(out) + "\n"
 
 
@@ -113,7 +132,7 @@ def main() -> None:
         "device": "cpu", "python": platform.python_version(), "numpy": np.__version__,
         "eval_examples": int(EVAL.size),
         "scaling_stream": dataclasses.asdict(SCALING),
-        "signal": signal(), "capacity": capacity(), "data_axis": data_axis(),
+        "signal": signal(), "capacity": capacity(), "data_axis": data_axis(), "data_floor": data_floor(),
     }
     payload["wall_s"] = time.perf_counter() - t0
     RESULTS.with_suffix(".json").write_text(json.dumps(payload, indent=1))
