@@ -252,3 +252,26 @@ def test_seqrec_budgets_replace_epochs_by_steps(tmp_path):
         load_sweep(path)
     unbudgeted = expand(load_sweep(SEQREC_SMOKE, str(tmp_path / "o2")))[0]
     assert runner.base_row(load_sweep(SEQREC_SMOKE), unbudgeted)["steps"] is None  # epochs: known after the run
+
+
+def test_shipped_sweep_specs_expand():
+    """Every spec in configs/sweeps resolves; the scaling pair shares one table and spans the
+    sizes and budgets their comments state."""
+    from recjax.config import CONFIG_DIR
+    from recjax.train.state import describe_config
+
+    runs = {}
+    for spec in sorted(pathlib.Path(CONFIG_DIR, "sweeps").glob("*.yaml")):
+        sweep = load_sweep(spec)
+        runs[spec.stem] = (sweep, expand(sweep))
+        assert runs[spec.stem][1], spec
+    tml, base = runs["scaling_tokenmixer_large"], runs["scaling_baselines"]
+    assert tml[0].table == base[0].table
+    assert (len(tml[1]), len(base[1])) == (40, 60)
+    dense = {r.preset: describe_config(r.config)["params_dense"] for r in tml[1]}
+    assert max(dense.values()) / min(dense.values()) >= 30
+    examples = {r.axes["examples"] for r in tml[1]}
+    assert max(examples) / min(examples) >= 20
+    for r in base[1]:  # each baseline size within 15% of the TokenMixer-Large size of its name
+        size = describe_config(r.config)["params_dense"]
+        assert abs(size / dense[r.preset.split("_")[-1]] - 1) < 0.15, (r.preset, size)
