@@ -152,6 +152,12 @@ def test_group_budgets_and_input_checks():
         F.fit_power_law([1.0, np.nan, 3.0], [1.0, 1.0, 1.0])
 
 
+def _law_points(true: dict, sizes, budgets, noise: float, rng) -> list[tuple[float, float, float]]:
+    """``(N, D, L)`` on the grid ``sizes x budgets`` from the law ``true``, with lognormal noise."""
+    return [(n, d, float(F.chinchilla_loss(n, d, **true) * np.exp(rng.normal(0, noise))))
+            for n in sizes for d in budgets]
+
+
 def test_fit_cli_writes_json_and_plots(tmp_path, capsys):
     """`recjax fit` on a table generated from known laws: every law's JSON and PNG."""
     from recjax.cli import main
@@ -159,16 +165,15 @@ def test_fit_cli_writes_json_and_plots(tmp_path, capsys):
     rng = np.random.default_rng(3)
     table = tmp_path / "results.csv"
     true = {"E": 0.45, "A": 8.0, "B": 20.0, "alpha": 0.3, "beta": 0.35}
-    grid = [(n, d) for n in np.geomspace(1e4, 1e6, 4) for d in np.geomspace(1e5, 1e7, 4)]
-    for i, (n, d) in enumerate(grid):
-        loss = float(F.chinchilla_loss(n, d, **true) * np.exp(rng.normal(0, 0.003)))
+    grid = _law_points(true, np.geomspace(1e4, 1e6, 4), np.geomspace(1e5, 1e7, 4), 0.003, rng)
+    for i, (n, d, loss) in enumerate(grid):
         results.upsert_row(table, {
             "run_id": f"r{i}", "model": "dlrm", "status": "ok", "active_params": int(n),
             "examples_seen": int(d), "train_flops_total": 6.0 * n * d, "eval_logloss": loss,
             "eval_ne": loss / 0.6, "bayes_logloss": 0.45, "device_kind": "NVIDIA H100 80GB HBM3",
             "mfu": 0.1 + 0.02 * np.log(n / 1e4) + rng.normal(0, 1e-3),
         })
-    for i, (n, d) in enumerate(grid[::3]):  # a second architecture whose NE falls faster
+    for i, (n, d, _) in enumerate(grid[::3]):  # a second architecture whose NE falls faster
         c = 6.0 * n * d
         results.upsert_row(table, {"run_id": f"x{i}", "model": "other", "status": "ok",
                                    "train_flops_total": c, "eval_ne": 12.0 - 0.3 * np.log(c)})
@@ -207,12 +212,10 @@ def test_fit_cli_excess_kl_holds_e_at_zero_and_keeps_the_free_e_check(tmp_path, 
     fit is stored beside it and finds E near 0."""
     from recjax.cli import main
 
-    rng = np.random.default_rng(4)
-    table = tmp_path / "results.csv"
     true = {"E": 0.0, "A": 3.0, "B": 40.0, "alpha": 0.4, "beta": 0.5}
-    grid = [(n, d) for n in np.geomspace(1e4, 1e6, 5) for d in np.geomspace(1e5, 2e6, 4)]
-    for i, (n, d) in enumerate(grid):
-        kl = float(F.chinchilla_loss(n, d, **true) * np.exp(rng.normal(0, 0.02)))
+    table = tmp_path / "results.csv"
+    points = _law_points(true, np.geomspace(1e4, 1e6, 5), np.geomspace(1e5, 2e6, 4), 0.02, np.random.default_rng(4))
+    for i, (n, d, kl) in enumerate(points):
         results.upsert_row(table, {"run_id": f"r{i}", "model": "m", "status": "ok", "active_params": int(n),
                                    "examples_seen": int(d), "train_flops_total": 6.0 * n * d,
                                    "excess_kl": kl, "eval_logloss": 0.5 + kl, "bayes_logloss": 0.5})
