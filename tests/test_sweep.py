@@ -131,12 +131,16 @@ def test_sweep_runs_in_workers_records_failure_and_resumes(tmp_path, capsys):
     assert ok["device_kind"] == "cpu" and ok["n_devices"] == 1 and ok["mfu"] is None
     assert (pathlib.Path(ok["run_dir"]) / "worker.log").is_file()
     assert rows["bad"]["status"] == "failed" and "bottom_mlp" in rows["bad"]["error"]
+    table = tmp_path / "out" / "results.csv"
+    results.upsert_row(table, {**ok, "data_floor_kl": None})  # a row written before the column
 
     capsys.readouterr()
     assert main(["sweep", "run", str(spec)]) == 1
     out = capsys.readouterr().out
     assert "1 already done, 1 to run" in out and "failed" in out
-    assert len(results.read_rows(tmp_path / "out" / "results.csv")) == 2
+    assert len(results.read_rows(table)) == 2
+    refilled = next(r for r in results.read_rows(table) if r["preset"] == "s")
+    assert refilled["data_floor_kl"] == pytest.approx(ok["data_floor_kl"], rel=1e-9)
     assert main(["sweep", "status", str(spec)]) == 1
     assert "1 failed, 1 ok of 2" in capsys.readouterr().out
 

@@ -150,6 +150,23 @@ def result_row(sweep: Sweep, run: Run, report: dict[str, Any], wall_s: float) ->
     return row
 
 
+def fill_data_floors(sweep: Sweep, runs: list[Run]) -> int:
+    """Add ``data_floor_kl`` to this sweep's finished synthetic-CTR rows that lack it; returns
+    how many rows were filled."""
+    by_id = {r.run_id: r for r in runs}
+    filled = 0
+    for row in results.read_rows(sweep.table):
+        run = by_id.get(row["run_id"])
+        if (run is None or row.get("status") != "ok" or row.get("task") != "ctr"
+                or row.get("data_floor_kl") is not None or run.config.data.source != "synthetic"):
+            continue
+        floor = data_floor_kl(run.config.data.synthetic, int(row["examples_seen"]))
+        if floor is not None:
+            results.upsert_row(sweep.table, {**row, "data_floor_kl": floor})
+            filled += 1
+    return filled
+
+
 FLOOR_EXAMPLES = 2048  # held-out examples the data-limited floor averages over
 _floors: dict[str, Any] = {}  # stream config (JSON) -> DataLimitedFloor, reused across a sweep's budgets
 
@@ -256,7 +273,9 @@ def run_sweep(
     cli_overrides: list[str] | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> list[results.Row]:
-    """Run every pending run of ``runs``; returns the rows written by this call."""
+    """Run every pending run of ``runs``; returns the rows written by this call. Finished rows
+    written before the ``data_floor_kl`` column existed get it first (:func:`fill_data_floors`)."""
+    fill_data_floors(sweep, runs)
     todo = pending(runs, results.read_rows(sweep.table))
     progress = Progress(len(runs), len(runs) - len(todo), max(procs, 1), print_fn)
     print_fn(f"sweep {sweep.name}: {len(runs)} runs, {len(runs) - len(todo)} already done, "
