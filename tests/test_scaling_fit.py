@@ -141,6 +141,29 @@ def test_loglinear_and_scaling_efficiency():
         F.scaling_efficiency(c, base, ["hstu"] * c.size, "other", "hstu")
 
 
+def test_loglinear_with_one_intercept_per_budget_recovers_the_within_budget_slope():
+    """Two data budgets: the metric falls 0.002 per e-fold of compute inside each budget but sits
+    0.03 lower at the larger budget, whose runs also cost 3x more. Pooled, the budget jump makes
+    the slope ~3x steeper; with one intercept per budget the within-budget slope comes back."""
+    rng = np.random.default_rng(6)
+    c_small = np.geomspace(1e10, 1e12, 10)
+    c = np.concatenate([c_small, 3 * c_small])
+    budget = np.repeat([1e5, 3e5], 10)
+    m = 0.2 - 0.002 * np.log(c) - 0.03 * (budget > 1e5) + rng.normal(0, 1e-4, c.size)
+    pooled = F.fit_loglinear(c, m, n_boot=0)
+    grouped = F.fit_loglinear(c, m, groups=budget, n_boot=200)
+    assert pooled.params["eta"] < -0.004
+    lo, hi = grouped.interval("eta")
+    assert lo <= -0.002 <= hi and hi - lo < 2e-4
+    assert grouped.info["intercepts"]["100000.0"] - grouped.info["intercepts"]["300000.0"] == pytest.approx(
+        0.03, abs=1e-3)
+    power = F.fit_loglinear(c, np.exp(-0.3 * np.log(c) + 0.1 * (budget > 1e5)), groups=budget,
+                            log_metric=True, n_boot=0)
+    assert power.params["eta"] == pytest.approx(-0.3)
+    with pytest.raises(ValueError, match="two or more compute values"):
+        F.fit_loglinear([1e10, 2e10], [0.1, 0.1], groups=[0, 1])
+
+
 def test_group_budgets_and_input_checks():
     labels = F.group_budgets([1e10, 1.03e10, 3e10, 2.95e10, 1e11], rtol=0.05)
     assert labels.tolist() == [0, 0, 1, 1, 2]
@@ -229,3 +252,43 @@ def test_fit_cli_excess_kl_holds_e_at_zero_and_keeps_the_free_e_check(tmp_path, 
         assert p[k]["lo"] <= true[k] <= p[k]["hi"] and p[k]["hi"] - p[k]["lo"] < 0.2, (k, p[k])
     assert doc["free_E_check"]["E"]["value"] < 0.01 and "alpha" in doc["free_E_check"]
     assert (out / "chinchilla.png").stat().st_size > 1000
+    assert doc["delta"] == 1e-3  # Hoffmann et al.'s default; a noise-scaled delta is an option
+    assert main(["fit", str(table), "--law", "chinchilla", "--loss", "excess_kl", "--n-boot", "40",
+                 "--huber-delta", "0.03", "--out", str(out)]) == 0
+    doc = json.loads((out / "fit_chinchilla.json").read_text())
+    assert doc["delta"] == 0.03 and doc["free_E_check"]["alpha"]["value"] > 0
+    for k in ("alpha", "beta"):
+        assert doc["params"][k]["lo"] <= true[k] <= doc["params"][k]["hi"], (k, doc["params"][k])
+
+
+def test_fit_cli_efficiency_table_of_every_architecture_on_shared_budgets(tmp_path):
+    """``--law efficiency --baseline dlrm --metric excess_kl`` without ``--target``: one fit per other
+    architecture with eta and the compute exponent alpha_C of ``KL = A C^-alpha_C``; runs at a data
+    budget the baseline did not run are left out of that pair."""
+    from recjax.cli import main
+
+    rng = np.random.default_rng(5)
+    exponents = {"dlrm": 0.10, "dcnv2": 0.15, "tokenmixer_large": 0.20}
+    table = tmp_path / "results.csv"
+    for arch, a in exponents.items():
+        budgets = [1e5, 3e5] + ([1e6] if arch == "tokenmixer_large" else [])
+        for i, (n, d) in enumerate((n, d) for n in np.geomspace(1e4, 1e6, 5) for d in budgets):
+            c = 6.0 * n * d
+            kl = 1e-3 * 1e-3 ** (-a) * (c / 1e12) ** (-a) * np.exp(rng.normal(0, 0.01))
+            if d == 1e6:
+                kl *= 100.0  # an outlier budget: would wreck the slope if it entered the pair
+            results.upsert_row(table, {"run_id": f"{arch}{i}", "model": arch, "status": "ok",
+                                       "examples_seen": int(d), "train_flops_total": c, "excess_kl": kl})
+    out = tmp_path / "fits"
+    assert main(["fit", str(table), "--law", "efficiency", "--baseline", "dlrm", "--metric", "excess_kl",
+                 "--n-boot", "100", "--out", str(out)]) == 0
+    doc = json.loads((out / "fit_efficiency.json").read_text())
+    assert sorted(doc) == ["dcnv2", "tokenmixer_large"]
+    for arch in doc:
+        p = doc[arch]["params"]
+        assert doc[arch]["n_points"] == {arch: 10, "dlrm": 10}
+        assert p["alpha_C"]["lo"] <= exponents[arch] <= p["alpha_C"]["hi"], p["alpha_C"]
+        assert p["alpha_C_baseline"]["value"] == pytest.approx(0.10, abs=0.01)
+        assert p["alpha_C_ratio"]["value"] == pytest.approx(exponents[arch] / 0.10, rel=0.1)
+        assert p["eta"]["value"] < p["eta_baseline"]["value"] < 0  # KL falls faster than DLRM's
+    assert (out / "efficiency.png").stat().st_size > 1000

@@ -490,20 +490,62 @@ def fit_isoflop(
 # ----------------------------------------------------------------------------- log-linear
 
 
+def _within_slope(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least squares ``y = c_g + slope x`` with one intercept per group ``g``: ``(slope, c [G])``
+    (groups in ``np.unique`` order); the slope comes from the variation inside the groups."""
+    labels, inv = np.unique(g, return_inverse=True)
+    counts = np.bincount(inv)
+    xc = x - (np.bincount(inv, x) / counts)[inv]
+    yc = y - (np.bincount(inv, y) / counts)[inv]
+    sxx = float(xc @ xc)
+    if sxx <= 0:
+        return float("nan"), np.full(labels.size, np.nan)
+    slope = float(xc @ yc) / sxx
+    return slope, np.bincount(inv, y - slope * x) / counts
+
+
 def fit_loglinear(
-    compute: Any, metric: Any, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    compute: Any,
+    metric: Any,
+    *,
+    groups: Any = None,
+    log_metric: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> Fit:
-    """``m(C) = m0 + eta ln C`` by least squares; params ``m0, eta`` (runs resampled)."""
+    """``m(C) = m0 + eta ln C`` by least squares; params ``m0, eta``.
+
+    ``groups [runs]`` (e.g. the data budget): one intercept per group and a shared slope, so
+    ``eta`` measures how the metric moves with compute *within* a group (model scaling at a
+    fixed budget) instead of across budgets; ``m0`` is then the mean intercept and
+    ``info["intercepts"]`` has each. Runs are resampled within their group.
+    ``log_metric``: fit ``ln m`` instead (``m = e^m0 C^eta``: ``-eta`` is the compute exponent of
+    a power law with ``E = 0``).
+    """
     c = _check("compute", compute)
-    m = _check("metric", metric, c.size, positive=False)
-    if np.unique(c).size < 2:
-        raise ValueError("a log-linear fit needs runs at two or more compute values")
-    x = np.log(c)
-    m0, eta = _line(x, m)
-    idx = bootstrap_indices(c.size, n_boot, np.random.default_rng(seed))
-    boot = np.array([_line(x[i], m[i]) for i in idx]).reshape(n_boot, 2)
-    info = {"n_points": int(c.size), "n_boot": n_boot, "compute_range": [float(c.min()), float(c.max())]}
-    return Fit("loglinear", {"m0": m0, "eta": eta}, {"m0": boot[:, 0], "eta": boot[:, 1]}, level, info)
+    m = _check("metric", metric, c.size, positive=log_metric)
+    g = np.zeros(c.size, dtype=np.int64) if groups is None else np.asarray(groups).ravel()
+    if g.size != c.size:
+        raise ValueError(f"groups has {g.size} values but compute has {c.size}")
+    labels, inv = np.unique(g, return_inverse=True)
+    if not any(np.unique(c[inv == k]).size >= 2 for k in range(labels.size)):
+        raise ValueError("a log-linear fit needs runs at two or more compute values (in one group)")
+    x, y = np.log(c), (np.log(m) if log_metric else m)
+    eta, c0 = _within_slope(x, y, inv)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(inv == k) for k in range(labels.size)]
+    boot = np.full((n_boot, 2), np.nan)
+    for b in range(n_boot):
+        idx = np.concatenate([rng.choice(mm, mm.size) for mm in members])
+        slope, cb = _within_slope(x[idx], y[idx], inv[idx])
+        boot[b] = (np.nanmean(cb), slope)
+    info = {"n_points": int(c.size), "n_boot": n_boot, "compute_range": [float(c.min()), float(c.max())],
+            "log_metric": log_metric}
+    if groups is not None:
+        info["intercepts"] = {str(k): float(v) for k, v in zip(labels.tolist(), c0, strict=True)}
+    return Fit("loglinear", {"m0": float(np.mean(c0)), "eta": eta},
+               {"m0": boot[:, 0], "eta": boot[:, 1]}, level, info)
 
 
 def scaling_efficiency(
@@ -513,6 +555,8 @@ def scaling_efficiency(
     target: str,
     baseline: str,
     *,
+    groups: Any = None,
+    compute_exponent: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -520,10 +564,15 @@ def scaling_efficiency(
     """``eta_target / eta_baseline`` of log-linear fits over the compute range both cover.
 
     Params ``ratio, eta, eta_baseline`` (each architecture's runs resampled independently).
+    ``groups [runs]`` (e.g. the data budget): per-group intercepts, as in :func:`fit_loglinear`.
+    ``compute_exponent``: also the exponent of ``m = A_g C^-alpha_C`` (a power law with ``E = 0``,
+    for a metric that is all reducible such as excess KL; least squares on ``ln m``) per
+    architecture; adds ``alpha_C, alpha_C_baseline`` and their ratio ``alpha_C_ratio``.
     """
     c = _check("compute", compute)
-    m = _check("metric", metric, c.size, positive=False)
+    m = _check("metric", metric, c.size, positive=compute_exponent)
     arch = np.asarray(arch).ravel()
+    g = np.zeros(c.size, dtype=np.int64) if groups is None else np.asarray(groups).ravel()
     for name in (target, baseline):
         if not np.any(arch == name):
             raise ValueError(f"no runs of architecture {name!r}; present: {sorted(set(arch.tolist()))}")
@@ -531,20 +580,25 @@ def scaling_efficiency(
     hi = min(c[arch == target].max(), c[arch == baseline].max())
     if not lo < hi:
         raise ValueError(f"{target!r} and {baseline!r} share no compute range; run both over one")
-    inside = (c >= lo) & (c <= hi)
-    fits = {
-        name: fit_loglinear(c[inside & (arch == name)], m[inside & (arch == name)],
-                            n_boot=n_boot, seed=seed + i, level=level)
-        for i, name in enumerate((target, baseline))
-    }
-    eta, eta_b = fits[target].params["eta"], fits[baseline].params["eta"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio_s = fits[target].samples["eta"] / fits[baseline].samples["eta"]
-    samples = {"ratio": ratio_s, "eta": fits[target].samples["eta"],
-               "eta_baseline": fits[baseline].samples["eta"]}
+    if groups is None:  # one line per architecture: compare it on the compute range both cover
+        inside = (c >= lo) & (c <= hi)
+    else:  # slopes within each group: every run counts
+        inside = np.ones(c.size, dtype=bool)
+    sel = {name: inside & (arch == name) for name in (target, baseline)}
+    params: dict[str, float] = {}
+    samples: dict[str, np.ndarray] = {}
+    kinds = [("eta", False, 1.0)] + ([("alpha_C", True, -1.0)] if compute_exponent else [])
+    for key, log_metric, sign in kinds:
+        fits = {name: fit_loglinear(c[s], m[s], groups=g[s], log_metric=log_metric, n_boot=n_boot,
+                                    seed=seed + i, level=level)
+                for i, (name, s) in enumerate(sel.items())}
+        t, b = (sign * fits[name].params["eta"] for name in (target, baseline))
+        ts, bs = (sign * fits[name].samples["eta"] for name in (target, baseline))
+        ratio = "ratio" if key == "eta" else "alpha_C_ratio"
+        params.update({ratio: t / b, key: t, f"{key}_baseline": b})
+        with np.errstate(divide="ignore", invalid="ignore"):
+            samples.update({ratio: ts / bs, key: ts, f"{key}_baseline": bs})
     info = {"target": target, "baseline": baseline, "compute_range": [float(lo), float(hi)],
-            "n_points": {target: int((inside & (arch == target)).sum()),
-                         baseline: int((inside & (arch == baseline)).sum())},
-            "n_boot": n_boot}
-    params = {"ratio": eta / eta_b, "eta": eta, "eta_baseline": eta_b}
+            "n_points": {name: int(s.sum()) for name, s in sel.items()}, "n_boot": n_boot,
+            "groups": None if groups is None else sorted({str(v) for v in g[inside].tolist()})}
     return Fit("scaling_efficiency", params, samples, level, info)

@@ -1,7 +1,9 @@
 """``recjax fit RESULTS.csv --law ...``: fit scaling laws to a sweep's table; JSON + PNG out.
 
 Laws: ``power`` (L vs C), ``chinchilla`` (L vs N, D), ``isoflop`` (minima per budget),
-``loglinear`` (metric vs ln C), ``efficiency`` (eta of ``--target`` / eta of ``--baseline``),
+``loglinear`` (metric vs ln C), ``efficiency`` (eta of ``--target``, or of every architecture,
+over eta of ``--baseline``, on the data budgets both ran, with one intercept per budget; with
+``--metric excess_kl`` also the compute exponent of ``A_D C^-alpha_C``),
 ``mfu`` (MFU vs params and vs compute per device kind), or ``all`` (each that applies).
 Only rows with ``status == ok`` are used. N is ``--n-col`` (default ``active_params``: the
 dense parameters one example uses), D is ``examples_seen``, C is ``train_flops_total``, and
@@ -12,6 +14,9 @@ Writes ``<out>/fit_<law>.json`` and ``<out>/<law>.png`` (default out: ``<table d
 ``--loss excess_kl`` (mean KL from the teacher, synthetic data) fits an excess loss: ``E`` is
 held at 0 unless ``--fix-e`` says otherwise (``A/N^alpha + B/D^beta``, ``A/C^alpha``), and the
 free-``E`` fit is stored beside it as a check (``free_E_check`` in the JSON).
+``--huber-delta``: Hoffmann et al.'s 1e-3 makes the Huber loss an L1 fit whenever the log
+residuals are larger (seed noise of a CPU sweep is ~1e-2); about 1.35 x the residual scale
+keeps it quadratic at the noise level and robust beyond (the delta is stored in the JSON).
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="k in C = k N D (default: median over the table)")
     parser.add_argument("--fix-e", default=None, metavar="bayes|FLOAT",
                         help="hold E (irreducible loss) fixed: the table's Bayes logloss or a value")
+    parser.add_argument("--huber-delta", type=float, default=None,
+                        help="Huber delta on log loss (power, chinchilla; default 1e-3, Hoffmann et al.)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--level", type=float, default=0.95, help="interval coverage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--isoflop-method", choices=["parabola", "akima"], default="parabola")
     parser.add_argument("--budget-rtol", type=float, default=0.1,
                         help="runs whose compute differs by less than this share a budget")
-    parser.add_argument("--target", default=None, help="architecture whose efficiency is measured")
+    parser.add_argument("--target", default=None,
+                        help="architecture whose efficiency is measured (default: all but the baseline)")
     parser.add_argument("--baseline", default=None, help="baseline architecture (efficiency)")
 
 
@@ -75,6 +83,7 @@ def fit_law(law: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> t
     from recjax.scaling.results import column, ok_rows
 
     kw = {"n_boot": args.n_boot, "level": args.level, "seed": args.seed}
+    lse = {"delta": args.huber_delta} if args.huber_delta is not None else {}
     if law in ("power", "chinchilla", "isoflop", "loglinear"):
         _need_one_model(rows, law)
     if law in ("power", "chinchilla", "isoflop"):
@@ -86,18 +95,18 @@ def fit_law(law: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> t
         fixed = 0.0 if excess and args.fix_e is None else _fixed_e(args.fix_e, rows)
         floor = None if excess else _floor(rows)
     if law == "power":
-        fit = F.fit_power_law(c, loss, E=fixed, **kw)
+        fit = F.fit_power_law(c, loss, E=fixed, **kw, **lse)
         if excess and fixed == 0.0:
-            fit.info["free_E_check"] = _params(F.fit_power_law(c, loss, **kw))
+            fit.info["free_E_check"] = _params(F.fit_power_law(c, loss, **kw, **lse))
         fig, (ax,) = plots.new_figure()
         plots.frontier(ax, c, loss, power=fit, floor=floor)
         if excess:
             ax.set_yscale("log")
     elif law == "chinchilla":
-        fit = F.fit_chinchilla(n, d, loss, E=fixed, **kw)
+        fit = F.fit_chinchilla(n, d, loss, E=fixed, **kw, **lse)
         fit.info["flops_per_param_example"] = k
         if excess and fixed == 0.0:
-            fit.info["free_E_check"] = _params(F.fit_chinchilla(n, d, loss, **kw))
+            fit.info["free_E_check"] = _params(F.fit_chinchilla(n, d, loss, **kw, **lse))
         fig, axes = plots.new_figure(3)
         plots.frontier(axes[0], c, loss, chinchilla=fit, flops_per_param_example=k, floor=floor)
         if excess:
@@ -116,17 +125,7 @@ def fit_law(law: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> t
                      ylabel=args.metric, title=f"{args.metric} = m0 + eta ln C",
                      fits={rows[0]["model"]: fit})
     elif law == "efficiency":
-        if not (args.target and args.baseline):
-            raise ValueError("--law efficiency needs --target ARCH and --baseline ARCH")
-        rows = ok_rows(rows, args.metric, "train_flops_total")
-        c, m = column(rows, "train_flops_total"), column(rows, args.metric)
-        arch = [r["model"] for r in rows]
-        fit = F.scaling_efficiency(c, m, arch, args.target, args.baseline, **kw)
-        fig, (ax,) = plots.new_figure()
-        fits = {a: F.fit_loglinear(c[np.asarray(arch) == a], m[np.asarray(arch) == a], n_boot=0)
-                for a in (args.target, args.baseline)}
-        plots.versus(ax, c, m, arch, xlabel="training FLOPs C", ylabel=args.metric,
-                     title=f"scaling efficiency {fit.params['ratio']:.2f}", fits=fits)
+        fit, fig = _efficiency(rows, args, kw)
     elif law == "mfu":
         fit, fig = _mfu(rows, args, kw)
     else:
@@ -153,6 +152,46 @@ def _fixed_e(value: str | None, rows: list[dict[str, Any]]) -> float | None:
 def _floor(rows: list[dict[str, Any]]) -> float | None:
     vals = {r.get("bayes_logloss") for r in rows} - {None}
     return float(next(iter(vals))) if len(vals) == 1 else None
+
+
+def _efficiency(rows: list[dict[str, Any]], args: argparse.Namespace,
+                kw: dict[str, Any]) -> tuple[Any, Any]:
+    """Each target's (``--target``, or every other architecture) efficiency against ``--baseline``
+    on the data budgets both ran, slopes taken within each budget (model scaling at fixed data)
+    with one intercept per budget."""
+    import numpy as np
+
+    from recjax.scaling import fit as F
+    from recjax.scaling import plots
+    from recjax.scaling.results import column, ok_rows, shared_budgets
+
+    if not args.baseline:
+        raise ValueError("--law efficiency needs --baseline ARCH (and optionally --target ARCH)")
+    rows = ok_rows(rows, args.metric, "train_flops_total")
+    archs = sorted({r["model"] for r in rows})
+    targets = [args.target] if args.target else [a for a in archs if a != args.baseline]
+    if not targets:
+        raise ValueError(f"--law efficiency: the table has no architecture besides {args.baseline!r}")
+    exponent = args.metric == "excess_kl"
+    fits, fitted = {}, {}
+    for name in targets:
+        pair = shared_budgets([r for r in rows if r["model"] in (name, args.baseline)])
+        c, m, budget = (column(pair, k) for k in ("train_flops_total", args.metric, "examples_seen"))
+        arch = np.array([r["model"] for r in pair])
+        groups = None if np.isnan(budget).any() else budget
+        fits[name] = F.scaling_efficiency(c, m, arch, name, args.baseline, groups=groups,
+                                          compute_exponent=exponent, **kw)
+        fitted.update({a: F.fit_loglinear(c[arch == a], m[arch == a], n_boot=0,
+                                          groups=None if groups is None else groups[arch == a])
+                       for a in (name, args.baseline)})
+    shown = [r for r in rows if r["model"] in fitted]
+    fig, (ax,) = plots.new_figure()
+    plots.versus(ax, column(shown, "train_flops_total"), column(shown, args.metric),
+                 [r["model"] for r in shown], xlabel="training FLOPs C", ylabel=args.metric,
+                 title=f"scaling efficiency vs {args.baseline}", fits=fitted)
+    if exponent:
+        ax.set_yscale("log")
+    return (fits[args.target] if args.target else fits), fig
 
 
 def _mfu(rows: list[dict[str, Any]], args: argparse.Namespace, kw: dict[str, Any]) -> tuple[Any, Any]:
@@ -202,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     if args.law == "all":
         if any(r.get("mfu") is not None for r in rows):
             laws.append("mfu")
-        if args.target and args.baseline:
+        if args.baseline:
             laws.append("efficiency")
     failed = 0
     for law in laws:

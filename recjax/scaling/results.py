@@ -143,3 +143,14 @@ def column(rows: Iterable[Row], name: str) -> np.ndarray:
 def ok_rows(rows: Iterable[Row], *required: str) -> list[Row]:
     """Rows with ``status == ok`` and a value in every ``required`` column."""
     return [r for r in rows if r.get("status") == "ok" and all(r.get(k) is not None for k in required)]
+
+
+def shared_budgets(rows: Iterable[Row]) -> list[Row]:
+    """The rows whose data budget (``examples_seen``) every model in ``rows`` ran, so that
+    architectures are compared on the same grid (all rows when a budget is missing)."""
+    rows = list(rows)
+    if any(r.get("examples_seen") is None for r in rows):
+        return rows
+    models = {r["model"] for r in rows}
+    shared = set.intersection(*({r["examples_seen"] for r in rows if r["model"] == m} for m in models))
+    return [r for r in rows if r["examples_seen"] in shared]
