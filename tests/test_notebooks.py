@@ -9,7 +9,7 @@ from tests.conftest import REPO
 NOTEBOOKS = REPO / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["scaling_laws.ipynb", "mfu.ipynb"])
+@pytest.mark.parametrize("name", ["scaling_laws.ipynb", "scaling_excess_kl.ipynb", "mfu.ipynb"])
 def test_notebook_is_committed_without_outputs(name):
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -21,6 +21,8 @@ def test_notebook_is_committed_without_outputs(name):
     ("name", "expected"),
     [
         ("scaling_laws.ipynb", ["approach 3 L(N, D)", "Bayes floor", "runs per free parameter"]),
+        ("scaling_excess_kl.ipynb", ["excess KL falls with size", "approach 3, E = 0", "free-E check",
+                                     "| rankmixer |", "| dlrm | "]),
         ("mfu.ipynb", ["TFLOP/s", "MFU available for"]),
     ],
 )

@@ -131,9 +131,61 @@ def bayes_gap(ax: Any, compute: Any, loss: Any, bayes: Any, labels: Any) -> None
     ax.legend(fontsize=7)
 
 
+def excess_vs_size_and_data(
+    ax_n: Any,
+    ax_d: Any,
+    chinchilla: fitlib.Fit,
+    params: Any,
+    data: Any,
+    excess: Any,
+    floor: Any | None = None,
+) -> None:
+    """Excess loss vs N per data budget (``ax_n``) and vs D per size (``ax_d``), log-log.
+
+    Lines: the approach-3 fit ``E + A/N^alpha + B/D^beta`` at each budget / size with its
+    bootstrap band. ``floor [runs]``: each run's idealised data-limited floor (a function of D
+    alone), drawn dashed per budget on ``ax_n`` and as one dashed curve on ``ax_d``.
+    """
+    n, d, y = (np.asarray(a, float) for a in (params, data, excess))
+    p, s = chinchilla.params, chinchilla.samples
+    keys = ("E", "A", "B", "alpha", "beta")
+
+    def curve(nn: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        mid = fitlib.chinchilla_loss(nn, dd, *(p[k] for k in keys))
+        boot = fitlib.chinchilla_loss(nn[None], dd[None], *(s[k][:, None] for k in keys))
+        return mid, fitlib.band(boot, chinchilla.level)
+
+    fl = None if floor is None else np.asarray(floor, float)
+    for ax, x, g, xname, gname in ((ax_n, n, d, "N", "D"), (ax_d, d, n, "D", "N")):
+        groups = np.unique(g)
+        for value, color in zip(groups, _colors(groups.size), strict=True):
+            sel = g == value
+            ax.scatter(x[sel], y[sel], color=color, s=16, label=f"{gname}={value:.3g}")
+            grid = _span(x[sel], pad=1.2)
+            full = np.full_like(grid, value)
+            mid, (lo, hi) = curve(grid, full) if xname == "N" else curve(full, grid)
+            ax.plot(grid, mid, color=color, lw=1)
+            ax.fill_between(grid, lo, hi, color=color, alpha=0.15)
+            if fl is not None and xname == "N" and np.isfinite(fl[sel]).any():
+                ax.axhline(float(np.nanmean(fl[sel])), color=color, ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("dense parameters N" if xname == "N" else "training examples D")
+        ax.set_ylabel("excess KL")
+    if fl is not None and np.isfinite(fl).any():
+        ok = np.isfinite(fl)
+        order = np.argsort(d[ok])
+        ax_d.plot(d[ok][order], fl[ok][order], "k--", lw=1, label="data-limited floor")
+    ax_n.set_title(f"excess KL vs N per D (alpha={p['alpha']:.2f}; dashed: floors)")
+    ax_d.set_title(f"excess KL vs D per N (beta={p['beta']:.2f})")
+    ax_n.legend(fontsize=7)
+    ax_d.legend(fontsize=7)
+
+
 def versus(ax: Any, x: Any, y: Any, groups: Any, *, xlabel: str, ylabel: str, title: str,
            fits: dict[str, fitlib.Fit] | None = None) -> None:
-    """``y`` vs ``x`` (log x) per group, with each group's log-linear fit when given."""
+    """``y`` vs ``x`` (log x) per group, with each group's log-linear fit when given (one line
+    per intercept of a fit with per-budget intercepts)."""
     x, y, g = np.asarray(x, float), np.asarray(y, float), np.asarray(groups)
     for name, color in zip(sorted(set(g.tolist())), _colors(len(set(g.tolist()))), strict=True):
         sel = g == name
@@ -141,7 +193,8 @@ def versus(ax: Any, x: Any, y: Any, groups: Any, *, xlabel: str, ylabel: str, ti
         if fits and name in fits:
             grid = _span(x[sel], pad=1.2)
             p = fits[name].params
-            ax.plot(grid, p["m0"] + p["eta"] * np.log(grid), color=color, lw=1)
+            for m0 in fits[name].info.get("intercepts", {"": p["m0"]}).values():
+                ax.plot(grid, m0 + p["eta"] * np.log(grid), color=color, lw=1)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
