@@ -14,8 +14,9 @@ Laws (``log`` is natural; every interval is a bootstrap percentile interval at `
   ``D_opt = (C/k) / N_opt``, ``G = (alpha A / (beta B))^(1/(alpha+beta))``.
 - **isoflop** (approach 2): per compute budget, a parabola (or Akima interpolant) of loss vs
   ``log N``; its minimum ``N*``; then ``N* = K C^a`` by least squares in log-log.
-- **loglinear** (HSTU / Kunlun): ``m(C) = m0 + eta ln C``; scaling efficiency = ``eta`` of an
-  architecture divided by ``eta`` of a baseline fitted on the same compute range.
+- **loglinear** (HSTU / Kunlun): ``m(C) = m0 + eta ln C``, optionally with one intercept per
+  data budget (the slope is then model scaling at fixed data); scaling efficiency = ``eta`` of
+  an architecture divided by ``eta`` of a baseline fitted on the same compute range or budgets.
 
 Cost control (measured in the fit's ``wall_s``): all grid starts run together in a batched
 L-BFGS (:mod:`recjax.scaling.lbfgs`) for ``first_pass`` iterations, the ``keep`` best continue to
@@ -561,10 +562,11 @@ def scaling_efficiency(
     seed: int = 0,
     level: float = 0.95,
 ) -> Fit:
-    """``eta_target / eta_baseline`` of log-linear fits over the compute range both cover.
+    """``eta_target / eta_baseline`` of log-linear fits, each architecture's runs resampled
+    independently; params ``ratio, eta, eta_baseline``.
 
-    Params ``ratio, eta, eta_baseline`` (each architecture's runs resampled independently).
-    ``groups [runs]`` (e.g. the data budget): per-group intercepts, as in :func:`fit_loglinear`.
+    Without ``groups``, both are fitted on the compute range both cover. ``groups [runs]`` (e.g.
+    the data budget): per-group intercepts, as in :func:`fit_loglinear`, over every run.
     ``compute_exponent``: also the exponent of ``m = A_g C^-alpha_C`` (a power law with ``E = 0``,
     for a metric that is all reducible such as excess KL; least squares on ``ln m``) per
     architecture; adds ``alpha_C, alpha_C_baseline`` and their ratio ``alpha_C_ratio``.
