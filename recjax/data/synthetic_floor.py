@@ -9,8 +9,9 @@ d logit_e / d theta_c`` at example ``e`` (central differences of the teacher) an
 information of one observation in a random context, ``F_c = mean_e w_e g_e g_e^T`` (``w_e = q_e
 (1 - q_e)``), scaled to the example's own id by ``w_e / mean(w)`` (an id that pushes q to 0 or
 1 is learnt more slowly), the Laplace posterior after ``k`` observations has covariance
-``(I + k F_ce)^-1``. The floor is the expected KL of the Bayes predictive, ``1/2 log(1 + q (1 - q) s^2)`` for a logit of
-posterior variance ``s^2`` (the Gaussian-model regret; ``1/2 q (1 - q) s^2`` for small ``s``)::
+``(I + k F_ce)^-1``. The floor is the expected KL of the Bayes predictive,
+``1/2 log(1 + q (1 - q) s^2)`` for a logit of posterior variance ``s^2`` (the Gaussian-model
+regret; ``1/2 q (1 - q) s^2`` for small ``s``)::
 
     s_ce^2(k) = g_e^T (I + k F_ce)^-1 g_e,   k ~ Poisson(n p_c(id_ce))
     S_ce^2    = (exp(E_k[log(1 + w_e s_ce^2(k))]) - 1) / w_e
@@ -18,8 +19,8 @@ posterior variance ``s^2`` (the Gaussian-model regret; ``1/2 q (1 - q) s^2`` for
 
 (``S`` is the variance whose regret is the expected regret over ``k``.) ``E_k`` is exact (a
 sum over ``k``) for expected counts below ``_EXACT_BELOW`` and ``k = m`` above. The columns
-are treated one at a time (the others known) and every non-id teacher weight is known, so the floor is the part of the excess loss
-that data, not model size, limits. Against the exact Bayes estimator of a one-column linear
+are treated one at a time (the others known) and every non-id teacher weight is known, so the
+floor is the part of the excess loss that data, not model size, limits. Against the exact Bayes estimator of a one-column linear
 teacher (``tests/test_data_synthetic.py``) it is -10%, +4% and +12% off at 2, 10 and 50
 observations per id (the Laplace approximation ignores the uniform prior's bounds); on the
 default stream it gives 0.037 / 0.028 / 0.020 / 0.015 at 0.25M / 0.75M / 2.25M / 5.12M examples
