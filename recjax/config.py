@@ -182,10 +182,16 @@ class DenseOptimConfig:
 
 @dataclass
 class EmbeddingOptimConfig:
-    name: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    # sparse rules: sgd, adagrad, rowwise_adagrad, lazy_adam; dense: sgd, adagrad, rowwise_adagrad, adam
+    name: Literal["rowwise_adagrad", "adagrad", "sgd", "adam", "lazy_adam"] = "rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8
     initial_accumulator: float = 0.0
+    b1: float = 0.9  # adam / lazy_adam
+    b2: float = 0.999
+    # sparse: lookup tables update only the rows a batch touched, on the shard that owns them
+    # (recjax.train.sparse_update); dense: autodiff's [rows, d] table gradient and optax
+    update: Literal["sparse", "dense"] = "sparse"
 
 
 @dataclass

@@ -36,7 +36,10 @@ array per feature and always works; ``__call__`` stacks them into ``[B, F, d]`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import jax
@@ -53,6 +56,52 @@ Placement = Literal["replicated", "row_sharded"]
 
 class EmbeddingTable(nnx.Param):
     """An embedding table ``[rows, dim]``: the variable type the embedding optimizer updates."""
+
+
+class LookupTable(EmbeddingTable):
+    """A table read only through :meth:`EmbeddingCollection.lookup`: its gradient touches only
+    the looked-up rows, so ``optim.embedding.update=sparse`` updates it row-wise
+    (``recjax.train.sparse_update``). Tables used any other way (e.g. the sequential models'
+    item table, which also scores every item) stay :class:`EmbeddingTable` and are updated densely.
+    """
+
+
+@dataclass
+class LookupTape:
+    """What the sparse train step needs from one forward pass, per :class:`LookupTable` name.
+
+    While a tape is recording (:func:`recording`), every lookup into table ``name`` returns
+    ``take(stop_gradient(table), ids) + deltas[name][k]`` for its ``k``-th call and appends its
+    ids to ``ids[name]`` (``-1`` where the lookup contributes nothing: missing or dropped ids).
+    The deltas are zeros, so values are unchanged; the gradient of the loss with respect to
+    ``deltas[name][k]`` ``[N_k, d]`` is the per-lookup row gradient, and no ``[rows, d]`` table
+    gradient exists. ``deltas=None`` records ids only (the shape-discovery pass).
+    """
+
+    deltas: dict[str, list[jax.Array]] | None = None
+    ids: dict[str, list[jax.Array]] = field(default_factory=dict)
+
+    def lookup(self, name: str, table: jax.Array, ids: jax.Array, used: jax.Array) -> jax.Array:
+        """``ids [N]`` valid rows (``used [N]`` bool: the id contributes) -> rows ``[N, d]``."""
+        calls = self.ids.setdefault(name, [])
+        rows = jnp.take(jax.lax.stop_gradient(table), ids, axis=0)
+        if self.deltas is not None:
+            rows = rows + self.deltas[name][len(calls)]
+        calls.append(jnp.where(used, ids, -1))
+        return rows
+
+
+_TAPE: contextvars.ContextVar[LookupTape | None] = contextvars.ContextVar("lookup_tape", default=None)
+
+
+@contextlib.contextmanager
+def recording(tape: LookupTape) -> Iterator[LookupTape]:
+    """Route every :class:`LookupTable` lookup traced inside the block through ``tape``."""
+    token = _TAPE.set(tape)
+    try:
+        yield tape
+    finally:
+        _TAPE.reset(token)
 
 
 def padded_rows(vocab: int, multiple: int) -> int:
@@ -100,23 +149,39 @@ def _segmented_add(a, b):
     return fa | fb, jnp.where(fb[..., None], vb, va + vb)
 
 
+def sum_duplicate_rows(ids: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Deduplicate ``ids [N]`` with rows ``[N, d]`` -> ``(sorted_ids [N], sums [N, d], last [N])``.
+
+    ``sums[i]`` at a position with ``last[i]`` is the fp32 total of every row whose id equals
+    ``sorted_ids[i]`` (each distinct id is ``last`` exactly once); other positions hold partial
+    sums and must be ignored. No scatter is involved:
+
+    1. One stable key-value sort of the ids gives the sorted ids and the permutation; the rows
+       are gathered in that order, so equal ids form contiguous segments.
+    2. Each segment is summed by a segmented inclusive prefix sum (``lax.associative_scan``):
+       slices, adds and selects only, hence no contention however often an id repeats. Sums
+       never cross a segment boundary, so unlike a global-cumsum difference there is no
+       cancellation against other ids' rows. (``jax.ops.segment_sum`` would be a scatter-add
+       with duplicate indices -- the slow op itself, and it regressed too, jax-ml/jax#39959 --
+       and ``jnp.unique(..., return_inverse=True)`` adds a scatter of its own for the inverse.)
+    """
+    n = ids.shape[0]
+    sorted_ids, order = jax.lax.sort((ids, jnp.arange(n, dtype=jnp.int32)), num_keys=1)
+    sorted_rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))[order]
+    change = sorted_ids[1:] != sorted_ids[:-1]
+    starts = jnp.concatenate([jnp.ones((1,), bool), change])
+    last = jnp.concatenate([change, jnp.ones((1,), bool)])
+    _, sums = jax.lax.associative_scan(_segmented_add, (starts, sorted_rows))
+    return sorted_ids, sums, last
+
+
 def _gather_rows_bwd(res, g: jax.Array):
     """Table cotangent: ``zeros.at[ids].add(g)``, computed without duplicate scatter indices.
 
-    1. Sort the ids once (stable) and gather the cotangent rows in that order, so
-       equal ids form contiguous segments.
-    2. Sum each segment with a segmented inclusive prefix sum (``lax.associative_scan``):
-       slices, adds and selects only -- no scatter at all, hence no contention however often
-       an id repeats. Sums never cross a segment boundary, so unlike a global-cumsum
-       difference there is no cancellation against other ids' rows, and accumulation is fp32.
-       (``jax.ops.segment_sum`` would be a scatter-add with the same duplicate indices -- the
-       slow op itself, and it regressed too, jax-ml/jax#39959 -- and ``jnp.unique(...,
-       return_inverse=True)`` adds a scatter of its own for the inverse.)
-    3. The last position of each segment holds that id's total. ONE scatter writes the table:
-       index ``id`` at segment ends, and a distinct out-of-range index ``V + i`` at every other
-       position ``i`` (dropped by ``mode="drop"``), so all N indices are unique and the
-       scatter may be marked ``unique_indices=True`` (no atomics). Positions are not
-       compacted, so the indices are not sorted.
+    :func:`sum_duplicate_rows` gives each id's total at the last position of its segment. ONE
+    scatter writes the table: index ``id`` at segment ends, and a distinct out-of-range index
+    ``V + i`` at every other position ``i`` (dropped by ``mode="drop"``), so all N indices are
+    unique and the scatter may be marked ``unique_indices=True`` (no atomics).
 
     Plain jnp/lax ops, so GSPMD partitions it like any other computation (a row-sharded
     table's gradient is a scatter into a row-sharded zeros; the sort sees all ids).
@@ -129,14 +194,9 @@ def _gather_rows_bwd(res, g: jax.Array):
         return jnp.zeros(table.shape, table.dtype), None
     if vocab + n > jnp.iinfo(ids.dtype).max:
         raise ValueError(f"gather_rows: vocab {vocab} + {n} ids overflows {ids.dtype}")
-    # One stable key-value sort gives both the sorted ids and the permutation.
-    sorted_ids, order = jax.lax.sort((ids, jnp.arange(n, dtype=jnp.int32)), num_keys=1)
-    rows = g.astype(acc)[order]
-    starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
-    ends = jnp.concatenate([sorted_ids[1:] != sorted_ids[:-1], jnp.ones((1,), bool)])
-    _, sums = jax.lax.associative_scan(_segmented_add, (starts, rows))
+    sorted_ids, sums, last = sum_duplicate_rows(ids, g)
     # V + i cannot collide with a valid id nor with each other (no overflow: checked above).
-    dest = jnp.where(ends, sorted_ids, vocab + jnp.arange(n, dtype=sorted_ids.dtype))
+    dest = jnp.where(last, sorted_ids, vocab + jnp.arange(n, dtype=sorted_ids.dtype))
     grad = jnp.zeros(table.shape, acc).at[dest].add(sums, unique_indices=True, mode="drop")
     return grad.astype(table.dtype), None
 
@@ -230,7 +290,7 @@ class EmbeddingCollection(nnx.Module):
         rows = {t.name: padded_rows(t.vocab_size, cfg.pad_rows_to) for t in self.specs}
         self.tables = nnx.Dict(
             {
-                t.name: EmbeddingTable(
+                t.name: LookupTable(
                     jax.random.normal(rngs.params(), (rows[t.name], t.dim), jnp.float32)
                     / jnp.sqrt(t.dim),
                     out_sharding=t.logical_axes,
@@ -265,14 +325,14 @@ class EmbeddingCollection(nnx.Module):
         for spec in self.specs:
             cols = [i for i, t in enumerate(self.feature_table) if t == spec.name]
             tid = ids[:, cols[0] : cols[0] + 1] if len(cols) == 1 else ids[:, cols]  # [B, n, H]
-            vecs, oov = self._lookup_table(self.tables[spec.name][...], tid, spec.vocab_size)
+            vecs, oov = self._lookup_table(spec.name, self.tables[spec.name][...], tid, spec.vocab_size)
             oov_total = oov_total + oov
             for j, c in enumerate(cols):
                 out[c] = vecs[:, j]
         return out, oov_total  # type: ignore[return-value]
 
     def _lookup_table(
-        self, table: jax.Array, ids: jax.Array, vocab: int
+        self, name: str, table: jax.Array, ids: jax.Array, vocab: int
     ) -> tuple[jax.Array, jax.Array]:
         """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, OOV count)."""
         in_vocab = (ids >= 0) & (ids < vocab)
@@ -285,7 +345,12 @@ class EmbeddingCollection(nnx.Module):
             used = in_vocab
             idx = ids
         idx = jnp.where(used, idx, 0)
-        vecs = gather_rows(table, idx.reshape(-1)).reshape(*idx.shape, -1)  # [B, n, H, d] fp32
+        tape = _TAPE.get()
+        if tape is None:
+            flat = gather_rows(table, idx.reshape(-1))
+        else:
+            flat = tape.lookup(name, table, idx.reshape(-1), used.reshape(-1))
+        vecs = flat.reshape(*idx.shape, -1)  # [B, n, H, d] fp32
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":
             weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)

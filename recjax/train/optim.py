@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from recjax.config import DenseOptimConfig, EmbeddingOptimConfig, OptimConfig
+from recjax.errors import ConfigError
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -167,13 +168,20 @@ def _embedding_tx(c: EmbeddingOptimConfig, lr: optax.Schedule) -> optax.Gradient
     if c.name == "sgd":
         return optax.sgd(lr)
     if c.name == "adam":
-        return optax.adam(lr, eps=c.eps)
+        return optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
+    if c.name == "lazy_adam":
+        raise ConfigError(
+            "optim.embedding.name=lazy_adam updates looked-up rows only (optim.embedding.update=sparse); "
+            "tables updated densely use adam"
+        )
     raise ValueError(f"unknown optim.embedding.name {c.name!r}")
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, labels: Any) -> optax.GradientTransformation:
-    """Global-norm clipping over all grads, then dense / embedding optimizers by ``labels``
-    (a params-shaped tree of ``"dense"`` / ``"embedding"``, or a function params -> such a tree)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, labels: Any, clip: bool = True) -> optax.GradientTransformation:
+    """Global-norm clipping over all grads (unless ``clip=False``: the sparse train step clips
+    itself, over the dense gradients and the touched table rows together), then dense /
+    embedding optimizers by ``labels`` (a params-shaped tree of ``"dense"`` / ``"embedding"``,
+    or a function params -> such a tree)."""
     dense_lr = learning_rate_schedule(cfg, cfg.dense.lr, total_steps)
     emb_lr = learning_rate_schedule(cfg, cfg.embedding.lr, total_steps)
     tx = optax.multi_transform(
@@ -183,7 +191,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, labels: Any) -> optax.Gra
         },
         labels,
     )
-    if cfg.grad_clip_norm > 0:
+    if clip and cfg.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return tx
 

@@ -29,11 +29,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recjax.config import Config
 from recjax.errors import ConfigError
-from recjax.layers.embedding import EmbeddingTable
+from recjax.layers.embedding import EmbeddingTable, LookupTable
 from recjax.parallel import sharding as shd
 from recjax.parallel.mesh import make_mesh
 from recjax.tasks import Task, get_task
 from recjax.train import optim
+from recjax.train import sparse_update as sparse
 
 State = dict[str, Any]
 
@@ -70,6 +71,35 @@ def param_groups(abstract_model: nnx.Module) -> dict[str, Any]:
     ))
 
 
+def lookup_table_paths(abstract_model: nnx.Module) -> tuple[tuple[str, ...], ...]:
+    """Key paths of every :class:`LookupTable` (the tables a sparse update may handle)."""
+    tables = nnx.to_pure_dict(nnx.state(abstract_model, LookupTable))
+    paths = tuple(p for p, _ in sparse.flat_paths(tables))
+    names = [p[-1] for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"lookup tables need distinct names for sparse updates, got {names}")
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTable:
+    """A lookup table updated row-wise: where it sits in the params and how it is split."""
+
+    path: tuple[str, ...]
+    rows: int
+    dim: int
+    row_axes: tuple[str, ...]  # mesh axes its rows are split over (empty: replicated)
+    shards: int
+
+    @property
+    def name(self) -> str:
+        return str(self.path[-1])
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.rows // self.shards
+
+
 @dataclasses.dataclass
 class TrainSetup:
     cfg: Config
@@ -82,6 +112,12 @@ class TrainSetup:
     abstract_state: State  # ShapeDtypeStruct leaves with .sharding
     state_shardings: State
     batch_axes: tuple[str, ...]  # mesh axes the leading (batch) dimension is split over
+    # tables updated row-wise (optim.embedding.update=sparse); empty: every gradient is dense
+    sparse_tables: tuple[SparseTable, ...] = ()
+
+    @property
+    def sparse_paths(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(t.path for t in self.sparse_tables)
 
     @property
     def n_devices(self) -> int:
@@ -103,10 +139,23 @@ class TrainSetup:
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "opt_state": self.tx.init(params),
+            "opt_state": self._init_opt(params),
             "rng": state_rng,
             "nonfinite_step": jnp.full((), -1, jnp.int32),
         }
+
+    def _init_opt(self, params: Any) -> Any:
+        """Dense: the optax state of all params. Sparse: ``{"dense": optax state of the other
+        params, "rows": {"count": int32[], slot: {table path: [rows(, d)]}}}`` -- slot leaves end
+        with their table's key path, so they are row-sharded like it."""
+        if not self.sparse_tables:
+            return self.tx.init(params)
+        dense, _ = sparse.split_tables(params, self.sparse_paths)
+        rows: dict[str, Any] = {"count": jnp.zeros((), jnp.int32)}
+        for t in self.sparse_tables:
+            for k, v in sparse.init_slots(self.cfg.optim.embedding, t.rows, t.dim).items():
+                sparse.set_path(rows.setdefault(k, {}), t.path, v)
+        return {"dense": self.tx.init(dense), "rows": rows}
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         lead = self.batch_axes if self.batch_axes else None
@@ -155,9 +204,15 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     abstract_params = nnx.to_pure_dict(abstract_params)
     param_shardings = shd.tree_shardings(logical_specs, abstract_params, mesh, cfg.mesh.rules)
     groups = param_groups(model)
-    tx = optim.make_optimizer(cfg.optim, total, groups)
+    paths = lookup_table_paths(model) if cfg.optim.embedding.update == "sparse" else ()
+    tables = tuple(_sparse_table(p, abstract_params, param_shardings, mesh) for p in paths)
+    if tables:
+        sparse.slot_shapes(cfg.optim.embedding.name, 1, 1)  # a sparse rule, or a ConfigError
+        tx = optim.make_optimizer(cfg.optim, total, sparse.split_tables(groups, paths)[0], clip=False)
+    else:
+        tx = optim.make_optimizer(cfg.optim, total, groups)
 
-    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh))
+    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables)
     abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     flat_params = {
@@ -181,6 +236,13 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
             f"shards of mesh axes {setup.batch_axes} and the {jax.process_count()} process(es)"
         )
     return setup
+
+
+def _sparse_table(path: tuple[str, ...], params: Any, shardings: Any, mesh: Mesh) -> SparseTable:
+    leaf, sharding = sparse.get_path(params, path), sparse.get_path(shardings, path)
+    axes = sparse.row_axes_of(sharding)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return SparseTable(path, int(leaf.shape[0]), int(leaf.shape[1]), axes, shards)
 
 
 def inspection_setup(cfg: Config, task: Task | None = None) -> TrainSetup:

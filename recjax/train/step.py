@@ -6,6 +6,12 @@ state["step"])``. A step whose total loss or gradient norm is not finite leaves 
 unchanged and records its step number in ``state["nonfinite_step"]``; later steps are frozen
 too, so the trainer can stop with the exact step named (at its next host sync) and the last
 good checkpoint stays the last one written.
+
+With sparse tables (``setup.sparse_tables``, ``optim.embedding.update=sparse``) the loss is
+differentiated with respect to the dense params and the looked-up rows (a
+:class:`~recjax.layers.embedding.LookupTape`), never the tables; the global gradient norm,
+clipping and the NaN guard cover the dense gradients and the touched rows' summed gradients
+together, and :mod:`recjax.train.sparse_update` writes the touched rows in place.
 """
 
 from __future__ import annotations
@@ -19,13 +25,39 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recjax.layers.embedding import LookupTape, recording
 from recjax.parallel import sharding as shd
+from recjax.train import sparse_update as sparse
+from recjax.train.optim import learning_rate_schedule
 from recjax.train.state import State, TrainSetup
 
 Batch = dict[str, jax.Array]
 
 
 def make_train_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    step = _sparse_step(setup) if setup.sparse_tables else _dense_step(setup)
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings, None),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def _ok(total: jax.Array, grad_norm: jax.Array, state: State) -> jax.Array:
+    return jnp.isfinite(total) & jnp.isfinite(grad_norm) & (state["nonfinite_step"] < 0)
+
+
+def _nonfinite_step(state: State, ok: jax.Array) -> jax.Array:
+    return jnp.where((state["nonfinite_step"] < 0) & ~ok, state["step"] + 1, state["nonfinite_step"])
+
+
+def _keep(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _dense_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     task = setup.task
 
     def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -40,23 +72,91 @@ def make_train_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, 
             updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & (state["nonfinite_step"] < 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        ok = _ok(total, grad_norm, state)
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": _keep(ok, params, state["params"]),
+            "opt_state": _keep(ok, opt_state, state["opt_state"]),
             "rng": state["rng"],
-            "nonfinite_step": jnp.where(
-                (state["nonfinite_step"] < 0) & ~ok, state["step"] + 1, state["nonfinite_step"]
-            ),
+            "nonfinite_step": _nonfinite_step(state, ok),
         }
         return new_state, {"grad_norm": grad_norm, **metrics}
 
-    replicated = NamedSharding(setup.mesh, PartitionSpec())
-    return jax.jit(
-        train_step,
-        in_shardings=(setup.state_shardings, None),
-        out_shardings=(setup.state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    return train_step
+
+
+def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    task, tables, paths = setup.task, setup.sparse_tables, setup.sparse_paths
+    ecfg = setup.cfg.optim.embedding
+    rule = sparse.row_rule(ecfg)
+    emb_lr = learning_rate_schedule(setup.cfg.optim, ecfg.lr, setup.total_steps)
+    clip = setup.cfg.optim.grad_clip_norm
+    dense_shardings, _ = sparse.split_tables(setup.state_shardings["params"], paths)
+    lead = setup.batch_axes if setup.batch_axes else None
+    row_sharding = NamedSharding(setup.mesh, PartitionSpec(lead, None))
+
+    def loss_fn(dense: Any, deltas: Any, tables_: Any, batch: Batch, rng: jax.Array):
+        with recording(LookupTape(deltas)) as tape:
+            total, metrics = task.loss(nnx.merge(setup.graphdef, sparse.join_tables(dense, tables_)), batch, rng)
+        return total, (metrics, tape.ids)
+
+    def lookup_shapes(params: Any, batch: Batch, rng: jax.Array) -> dict[str, list[jax.ShapeDtypeStruct]]:
+        """Per table, the shape of each lookup's ids (traced once, nothing computed)."""
+        def ids_only(params, batch, rng):
+            with recording(LookupTape()) as tape:
+                task.loss(nnx.merge(setup.graphdef, params), batch, rng)
+            return tape.ids
+        return jax.eval_shape(ids_only, params, batch, rng)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        opt = state["opt_state"]
+        with shd.use_rules(setup.mesh, setup.cfg.mesh.rules):
+            dense, table_vals = sparse.split_tables(state["params"], paths)
+            shapes = lookup_shapes(state["params"], batch, rng)
+            deltas = {t.name: [jax.lax.with_sharding_constraint(jnp.zeros((s.shape[0], t.dim), jnp.float32), row_sharding)
+                               for s in shapes.get(t.name, [])] for t in tables}
+            (total, (metrics, ids)), (g_dense, g_rows) = jax.value_and_grad(
+                loss_fn, argnums=(0, 1), has_aux=True)(dense, deltas, table_vals, batch, rng)
+            g_dense = jax.lax.with_sharding_constraint(g_dense, dense_shardings)
+            owned = {}
+            for t in tables:
+                if not ids.get(t.name):
+                    continue
+                owned[t.name] = sparse.owned_row_grads(
+                    jnp.concatenate(ids[t.name]), jnp.concatenate(g_rows[t.name]), mesh=setup.mesh,
+                    batch_axes=setup.batch_axes, row_axes=t.row_axes, rows_per_shard=t.rows_per_shard)
+            sq = jnp.square(optax.tree_utils.tree_norm(g_dense)) + sum(o[2] for o in owned.values())
+            grad_norm = jnp.sqrt(sq)
+            ok = _ok(total, grad_norm, state)
+
+            def clipped(g: jax.Array) -> jax.Array:  # optax.clip_by_global_norm's formula
+                return jax.lax.select(grad_norm < clip, g, (g / grad_norm) * clip) if clip > 0 else g
+
+            g_dense = jax.tree.map(clipped, g_dense)
+            updates, dense_opt = setup.tx.update(g_dense, opt["dense"], dense)
+            new_dense = optax.apply_updates(dense, updates)
+            rows = opt["rows"]
+            count = rows["count"]
+            new_tables, new_rows = {}, {"count": jnp.where(ok, count + 1, count)}
+            for t in tables:
+                table = sparse.get_path(table_vals, t.path)
+                slots = {k: sparse.get_path(v, t.path) for k, v in rows.items() if k != "count"}
+                if t.name in owned:
+                    loc, sums, _ = owned[t.name]
+                    table, slots = sparse.apply_rows(
+                        table, slots, loc, sums, rule=rule, lr=emb_lr(count), count=count,
+                        clip=clipped, ok=ok, mesh=setup.mesh, row_axes=t.row_axes)
+                sparse.set_path(new_tables, t.path, table)
+                for k, v in slots.items():
+                    sparse.set_path(new_rows.setdefault(k, {}), t.path, v)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": sparse.join_tables(_keep(ok, new_dense, dense), new_tables),
+            "opt_state": {"dense": _keep(ok, dense_opt, opt["dense"]), "rows": new_rows},
+            "rng": state["rng"],
+            "nonfinite_step": _nonfinite_step(state, ok),
+        }
+        return new_state, {"grad_norm": grad_norm, **metrics}
+
+    return train_step
