@@ -166,6 +166,12 @@ class EmbeddingConfig:
     # table rows are rounded up to a multiple of this, so a row-sharded table divides over its
     # shards (the trainer refuses one that does not); padding rows are never looked up
     pad_rows_to: int = 1
+    # lookups into row-sharded tables: a GSPMD gather (all-gather of the ids, all-reduce of the
+    # rows), or an explicit all-to-all when the batch is split over the table's row axes
+    exchange: Literal["gspmd", "all_to_all"] = "gspmd"
+    # all-to-all slots per destination: 0 = every local id (exact); f > 0 = ceil(f * local ids /
+    # shards), distinct ids past that return zeros and are counted (exchange_overflow)
+    exchange_capacity: float = 0.0
     # explicit tables; empty = one table per feature, sized by the data's vocabulary
     tables: list[TableConfig] = field(default_factory=list)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,9 +49,12 @@ from flax import nnx
 from recjax.config import EmbeddingConfig
 from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
+from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
+from recjax.parallel.table_exchange import exchange_axes, exchange_lookup
 
 Placement = Literal["replicated", "row_sharded"]
+Gather = Callable[[jax.Array, jax.Array], jax.Array]  # (table [R, d], ids [N]) -> rows [N, d]
 
 
 class EmbeddingTable(nnx.Param):
@@ -81,13 +84,13 @@ class LookupTape:
     deltas: dict[str, list[jax.Array]] | None = None
     ids: dict[str, list[jax.Array]] = field(default_factory=dict)
 
-    def lookup(self, name: str, table: jax.Array, ids: jax.Array, used: jax.Array) -> jax.Array:
-        """``ids [N]`` valid rows (``used [N]`` bool: the id contributes) -> rows ``[N, d]``."""
+    def lookup(self, name: str, table: jax.Array, ids: jax.Array, gather: Gather) -> jax.Array:
+        """``ids [N]`` (``-1``: contributes nothing) -> ``gather(table, ids)`` rows ``[N, d]``."""
         calls = self.ids.setdefault(name, [])
-        rows = jnp.take(jax.lax.stop_gradient(table), ids, axis=0)
+        rows = gather(jax.lax.stop_gradient(table), ids)
         if self.deltas is not None:
             rows = rows + self.deltas[name][len(calls)]
-        calls.append(jnp.where(used, ids, -1))
+        calls.append(ids)
         return rows
 
 
@@ -269,7 +272,7 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
 
 
 class EmbeddingCollection(nnx.Module):
-    """All embedding tables of a model; ``__call__(ids [B, F(, H)]) -> ([B, F, d], oov_count)``."""
+    """All embedding tables of a model; ``__call__(ids [B, F(, H)]) -> ([B, F, d], stats)``."""
 
     def __init__(
         self,
@@ -283,6 +286,8 @@ class EmbeddingCollection(nnx.Module):
         self.feature_names = tuple(f.name for f in features.sparse)
         self.combiner = cfg.combiner
         self.oov = cfg.oov
+        self.exchange = cfg.exchange
+        self.exchange_capacity = cfg.exchange_capacity
         self.dtype = dtype
         table_of = {f: t.name for t in self.specs for f in t.features}
         # feature i -> the name of its table (static)
@@ -310,8 +315,12 @@ class EmbeddingCollection(nnx.Module):
         dims = set(self.feature_dims)
         return dims.pop() if len(dims) == 1 else None
 
-    def lookup(self, ids: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-        """``ids`` int ``[B, F]`` or ``[B, F, H]`` -> (F arrays ``[B, d_f]`` in ``dtype``, int32 OOV count)."""
+    def lookup(self, ids: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        """``ids`` int ``[B, F]`` or ``[B, F, H]`` -> (F arrays ``[B, d_f]`` in ``dtype``, stats).
+
+        ``stats``: int32 ``oov_ids``, and with ``embedding.exchange=all_to_all`` the int32
+        ``exchange_overflow`` (distinct ids an all-to-all could not send; their lookups are zeros).
+        """
         if ids.ndim not in (2, 3) or ids.shape[1] != len(self.feature_names):
             raise ValueError(
                 f"sparse ids must be [B, {len(self.feature_names)}] or [B, {len(self.feature_names)}, H], "
@@ -321,20 +330,42 @@ class EmbeddingCollection(nnx.Module):
         if ids.ndim == 2:
             ids = ids[:, :, None]
         out: list[jax.Array | None] = [None] * len(self.feature_names)
-        oov_total = jnp.zeros((), jnp.int32)
+        stats = {"oov_ids": jnp.zeros((), jnp.int32)}
+        if self.exchange == "all_to_all":
+            stats["exchange_overflow"] = jnp.zeros((), jnp.int32)
         for spec in self.specs:
             cols = [i for i, t in enumerate(self.feature_table) if t == spec.name]
             tid = ids[:, cols[0] : cols[0] + 1] if len(cols) == 1 else ids[:, cols]  # [B, n, H]
-            vecs, oov = self._lookup_table(spec.name, self.tables[spec.name][...], tid, spec.vocab_size)
-            oov_total = oov_total + oov
+            vecs, table_stats = self._lookup_table(spec.name, self.tables[spec.name][...], tid, spec.vocab_size)
+            stats = {k: v + table_stats.get(k, 0) for k, v in stats.items()}
             for j, c in enumerate(cols):
                 out[c] = vecs[:, j]
-        return out, oov_total  # type: ignore[return-value]
+        return out, stats  # type: ignore[return-value]
+
+    def _gather(self, table: jax.Array, overflow: list[jax.Array]) -> Gather:
+        """How to read ``table``: the all-to-all exchange when configured and the active mesh
+        splits the batch over exactly the table's row axes, else :func:`gather_rows`."""
+        ctx = shd.active()
+        if self.exchange != "all_to_all" or ctx is None:
+            return lambda t, i: gather_rows(t, jnp.maximum(i, 0))
+        mesh, rules = ctx
+        rows = shd.spec_axes(tuple(shd.fit_spec(shd.logical_to_spec(("table_rows",), rules, mesh), table.shape[:1], mesh))[0])
+        batch = shd.spec_axes(shd.logical_to_spec(("batch",), rules, mesh)[0])
+        axes = exchange_axes(rows, batch)
+        if axes is None:
+            return lambda t, i: gather_rows(t, jnp.maximum(i, 0))
+
+        def gather(t: jax.Array, i: jax.Array) -> jax.Array:
+            rows, lost = exchange_lookup(t, i, mesh=mesh, axes=axes, capacity_factor=self.exchange_capacity)
+            overflow.append(lost)
+            return rows
+
+        return gather
 
     def _lookup_table(
         self, name: str, table: jax.Array, ids: jax.Array, vocab: int
-    ) -> tuple[jax.Array, jax.Array]:
-        """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, OOV count)."""
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, stats as in :meth:`lookup`)."""
         in_vocab = (ids >= 0) & (ids < vocab)
         is_oov = (ids != -1) & ~in_vocab
         oov = jnp.sum(is_oov, dtype=jnp.int32)
@@ -344,24 +375,26 @@ class EmbeddingCollection(nnx.Module):
         else:
             used = in_vocab
             idx = ids
-        idx = jnp.where(used, idx, 0)
+        idx = jnp.where(used, idx, -1).reshape(-1)
+        overflow: list[jax.Array] = []
+        gather = self._gather(table, overflow)
         tape = _TAPE.get()
-        if tape is None:
-            flat = gather_rows(table, idx.reshape(-1))
-        else:
-            flat = tape.lookup(name, table, idx.reshape(-1), used.reshape(-1))
-        vecs = flat.reshape(*idx.shape, -1)  # [B, n, H, d] fp32
+        flat = gather(table, idx) if tape is None else tape.lookup(name, table, idx, gather)
+        vecs = flat.reshape(*used.shape, -1)  # [B, n, H, d] fp32
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":
             weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
         combined = jnp.sum(vecs * weights[..., None], axis=2)  # elementwise; no matmul
-        return combined.astype(self.dtype), oov
+        stats = {"oov_ids": oov}
+        if overflow:
+            stats["exchange_overflow"] = overflow[0]
+        return combined.astype(self.dtype), stats
 
-    def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``ids`` -> (``[B, F, d]`` in ``dtype``, int32 OOV count); needs equal table dims."""
+    def __call__(self, ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``ids`` -> (``[B, F, d]`` in ``dtype``, stats as in :meth:`lookup`); needs equal table dims."""
         if self.uniform_dim is None:
             raise ValueError(
                 f"tables have different dims {sorted(set(self.feature_dims))}; use lookup() for per-feature vectors"
             )
-        vecs, oov = self.lookup(ids)
-        return constrain(jnp.stack(vecs, axis=1), ("batch", None, None)), oov
+        vecs, stats = self.lookup(ids)
+        return constrain(jnp.stack(vecs, axis=1), ("batch", None, None)), stats

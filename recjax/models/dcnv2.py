@@ -77,7 +77,7 @@ class CrossLayer(nnx.Module):
 
 
 class DCNv2(nnx.Module):
-    """``model(batch) -> (logits fp32 [B], {"oov_ids": int32})``."""
+    """``model(batch) -> (logits fp32 [B], embedding stats: {"oov_ids": int32, ...})``."""
 
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         mcfg: DCNv2Config = cfg.model  # type: ignore[assignment]
@@ -96,7 +96,7 @@ class DCNv2(nnx.Module):
         self.head = dense(head_in, 1, axes=("mlp", None), dtype=dtype, rngs=rngs)
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-        vecs, oov = self.embedding.lookup(batch["sparse"])  # F x [B, d_f]
+        vecs, stats = self.embedding.lookup(batch["sparse"])  # F x [B, d_f]
         dense_in = constrain(batch["dense"], ("batch", None)).astype(self.dtype)
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))  # [B, D]
         x = x0
@@ -108,7 +108,7 @@ class DCNv2(nnx.Module):
         else:
             h = jnp.concatenate([x, self.deep(x0)], axis=1)
         logits = self.head(constrain(h, ("batch", None)))[:, 0].astype(jnp.float32)
-        return constrain(logits, ("batch",)), {"oov_ids": oov}
+        return constrain(logits, ("batch",)), dict(stats)
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> DCNv2:

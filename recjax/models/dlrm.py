@@ -63,7 +63,7 @@ def _num_pairs(n: int, self_interaction: bool) -> int:
 
 
 class DLRM(nnx.Module):
-    """``model(batch) -> (logits fp32 [B], {"oov_ids": int32})``."""
+    """``model(batch) -> (logits fp32 [B], embedding stats: {"oov_ids": int32, ...})``."""
 
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         mcfg: DLRMConfig = cfg.model  # type: ignore[assignment]
@@ -88,7 +88,7 @@ class DLRM(nnx.Module):
         return gram[:, np.asarray(self.pair_rows), np.asarray(self.pair_cols)]
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-        emb, oov = self.embedding(batch["sparse"])  # [B, F, d]
+        emb, stats = self.embedding(batch["sparse"])  # [B, F, d]
         if self.has_dense:
             dense = constrain(batch["dense"], ("batch", None))
             z = constrain(self.bottom(dense), ("batch", None))  # [B, d]
@@ -98,7 +98,7 @@ class DLRM(nnx.Module):
         pairs = constrain(self.interact(vectors.astype(self.dtype)), ("batch", None))
         top_in = jnp.concatenate([z, pairs], axis=1) if self.has_dense else pairs
         logits = self.top(top_in)[:, 0].astype(jnp.float32)
-        return constrain(logits, ("batch",)), {"oov_ids": oov}
+        return constrain(logits, ("batch",)), dict(stats)
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> DLRM:

@@ -132,7 +132,7 @@ class RankMixer(nnx.Module):
         return y, stats
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, Any]]:
-        vecs, oov = self.embedding.lookup(batch["sparse"])
+        vecs, stats = self.embedding.lookup(batch["sparse"])
         dense_in = constrain(batch["dense"], ("batch", None)).astype(self.dtype)
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))
         x = constrain(self.tokenizer(x0), ("batch", "tokens", None))
@@ -150,7 +150,7 @@ class RankMixer(nnx.Module):
             x = constrain(layer_norm(f + s, p["ln2_scale"], p["ln2_bias"]), ("batch", "tokens", None))
         pooled = x.astype(jnp.float32).mean(axis=1).astype(self.dtype)
         logits = self.head(pooled)[:, 0].astype(jnp.float32)
-        aux: dict[str, Any] = {"oov_ids": oov}
+        aux: dict[str, Any] = dict(stats)
         if self.experts:
             aux["router_l1"] = jnp.mean(jnp.stack(l1))
             aux["router_active_ratio"] = jnp.mean(jnp.stack(active))

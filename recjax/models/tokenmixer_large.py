@@ -351,13 +351,13 @@ class TokenMixerLarge(nnx.Module):
         return rms_norm(x, scale[...]).astype(jnp.float32).mean(axis=1).astype(self.dtype)  # [B, D]
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, Any]]:
-        vecs, oov = self.embedding.lookup(batch["sparse"])
+        vecs, stats = self.embedding.lookup(batch["sparse"])
         dense_in = constrain(batch["dense"], ("batch", None)).astype(self.dtype)
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))
         x = constrain(self.tokenizer(x0), ("batch", "tokens", None))
         top, lower, stats = self._layers(x)
         logits = self.head(self._pool(top, self.final_norm))[:, 0].astype(jnp.float32)
-        aux: dict[str, Any] = {"oov_ids": oov}
+        aux: dict[str, Any] = dict(stats)
         aux_loss = jnp.zeros((), jnp.float32)
         if self.aux_weight > 0:  # the ctr task scores these with the same BCE, times the weight
             aux["aux_logits"] = self.aux_head(self._pool(lower, self.aux_norm))[:, 0].astype(jnp.float32)

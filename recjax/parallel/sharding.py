@@ -36,6 +36,18 @@ def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The innermost active (mesh, rules), or None outside :func:`use_rules`."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def spec_axes(entry: Any) -> tuple[str, ...]:
+    """One ``PartitionSpec`` entry as a tuple of mesh axis names (``None`` -> ``()``)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
     """Map logical names to a PartitionSpec; unknown or ``None`` names are replicated.
 

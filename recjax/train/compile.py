@@ -34,6 +34,7 @@ import numpy as np
 from recjax.config import Config
 from recjax.models import registry
 from recjax.train import flops as flops_lib
+from recjax.train.collectives import collective_traffic
 from recjax.train.state import TrainSetup, describe_model, inspection_setup
 from recjax.train.step import make_train_step
 
@@ -62,6 +63,7 @@ def compile_report(cfg: Config) -> dict[str, Any]:
         "analytic_memory_per_device": estimate,
         "xla_over_analytic_memory": mem.get("total", float("nan")) / estimate["total"],
         "xla_flops_per_device": flops_lib.xla_flops(compiled),
+        "collectives_per_device": collective_traffic(compiled.as_text(), setup.n_devices),
         "analytic_train_flops_per_device": analytic,
         "compile_seconds": seconds,
         "versions": {
@@ -172,6 +174,11 @@ def format_report(r: dict[str, Any]) -> str:
         ) + f"; XLA / analytic = {r['xla_over_analytic_memory']:.2f}",
         f"train-step FLOPs per device: XLA {r['xla_flops_per_device']:.4g}, "
         f"analytic {r['analytic_train_flops_per_device']:.4g} (3 x forward matmuls)",
+        "collectives per device per step: " + (", ".join(
+            f"{k} x{int(v['count'])} {flops_lib.format_bytes(v['bytes_sent'])}"
+            for k, v in r["collectives_per_device"]["by_kind"].items())
+            + f"; {flops_lib.format_bytes(r['collectives_per_device']['bytes_sent_per_device'])} sent"
+            if r["collectives_per_device"]["by_kind"] else "none"),
         f"compile time {r['compile_seconds']:.1f}s",
     ]
     return "\n".join(lines)

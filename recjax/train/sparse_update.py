@@ -9,9 +9,9 @@ the shard that owns them, inside ``jax.shard_map`` (the table ``[R, d]`` is spli
 ``S`` row shards of ``R / S`` rows over its mesh axes, replicated over the others):
 
 1. :func:`owned_row_grads`: each device sums its batch shard's duplicate ids
-   (:func:`~recjax.layers.embedding.sum_duplicate_rows`); the (id, row sum) pairs are
-   all-gathered over the batch axes; each row shard keeps the ids it owns and sums duplicates
-   again. Result per row shard: ``M = N`` local row indices (``-1``: none) and their summed
+   (:func:`~recjax.layers.embedding.sum_duplicate_rows`); the (id, row sum) pairs go to their
+   owners -- by all-to-all for a table looked up that way, else all-gathered over the batch
+   axes; each row shard keeps the ids it owns and sums duplicates again. Result per row shard: ``M = N`` local row indices (``-1``: none) and their summed
    gradients ``[M, d]``, and the squared norm over all of them -- the table's share of the
    global gradient norm, equal to the dense table gradient's (whose rows are these sums).
 2. :func:`apply_rows`: the row rule updates those rows and their optimizer slots with one
@@ -35,7 +35,8 @@ looked-up rows, with bias correction by the global step ``t``; the two agree onl
 looked up at every step.
 
 The all-gather of step 1 moves every batch shard's distinct ids to every device: ``N_global``
-rows of ``d`` floats per table per step, which grows with the global batch.
+rows of ``d`` floats per table per step, which grows with the global batch; the all-to-all
+moves ``S * cap`` rows per device (see :mod:`recjax.parallel.table_exchange`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from recjax.config import EmbeddingOptimConfig
 from recjax.errors import ConfigError
 from recjax.layers.embedding import sum_duplicate_rows
+from recjax.parallel import sharding as shd
+from recjax.parallel.table_exchange import exchange_row_grads
 
 RULES = ("sgd", "adagrad", "rowwise_adagrad", "lazy_adam")
 
@@ -105,13 +108,6 @@ def row_rule(cfg: EmbeddingOptimConfig) -> Callable[[jax.Array, jax.Array, Rows,
     return rule
 
 
-def spec_axes(entry: Any) -> tuple[str, ...]:
-    """One ``PartitionSpec`` entry as a tuple of mesh axis names."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _lead(axes: tuple[str, ...]) -> Any:
     return axes if axes else None
 
@@ -122,17 +118,26 @@ def _shard_index(axes: tuple[str, ...]) -> jax.Array:
 
 def owned_row_grads(
     ids: jax.Array, grads: jax.Array, *, mesh: Mesh, batch_axes: tuple[str, ...],
-    row_axes: tuple[str, ...], rows_per_shard: int,
+    row_axes: tuple[str, ...], rows_per_shard: int, exchange_cap: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-lookup ``ids [N]`` (``-1``: none) and ``grads [N, d]`` (batch-sharded) -> the touched
-    rows of each row shard: local row indices ``[S * N]`` (``-1``: none; each index at most once
-    per shard), summed fp32 gradients ``[S * N, d]`` (both split over ``row_axes``), and the fp32
-    squared norm of all sums (replicated)."""
+    rows of each row shard: local row indices ``[S * M]`` (``-1``: none; each index at most once
+    per shard), summed fp32 gradients ``[S * M, d]`` (both split over ``row_axes``), and the fp32
+    squared norm of all sums (replicated).
+
+    ``exchange_cap > 0`` (the table is looked up by all-to-all, batch and rows over the same
+    axes): each device sends its distinct ids' sums to their owners by
+    :func:`~recjax.parallel.table_exchange.exchange_row_grads` with ``exchange_cap`` slots per
+    destination (ids its forward could not send had no row, hence no gradient), ``M = S * cap``.
+    Otherwise the sums are all-gathered over the batch axes, ``M = N``."""
 
     def local(ids: jax.Array, grads: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         sid, sums, last = sum_duplicate_rows(ids, grads)
         sid = jnp.where(last & (sid >= 0), sid, -1)
-        if batch_axes:
+        if exchange_cap:
+            sid, sums, _ = exchange_row_grads(sid, sums, axes=row_axes, rows_per_shard=rows_per_shard,
+                                              cap=exchange_cap)
+        elif batch_axes:
             sid = jax.lax.all_gather(sid, batch_axes, tiled=True)
             sums = jax.lax.all_gather(sums, batch_axes, tiled=True)
         loc = sid - _shard_index(row_axes) * rows_per_shard
@@ -189,7 +194,7 @@ def apply_rows(
 
 def row_axes_of(sharding: NamedSharding) -> tuple[str, ...]:
     spec = tuple(sharding.spec)
-    return spec_axes(spec[0]) if spec else ()
+    return shd.spec_axes(spec[0]) if spec else ()
 
 
 # ----------------------------------------------------------------------------- param trees

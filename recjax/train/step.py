@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from recjax.layers.embedding import LookupTape, recording
 from recjax.parallel import sharding as shd
+from recjax.parallel.table_exchange import capacity, exchange_axes
 from recjax.train import sparse_update as sparse
 from recjax.train.optim import learning_rate_schedule
 from recjax.train.state import State, TrainSetup
@@ -91,6 +92,8 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
     rule = sparse.row_rule(ecfg)
     emb_lr = learning_rate_schedule(setup.cfg.optim, ecfg.lr, setup.total_steps)
     clip = setup.cfg.optim.grad_clip_norm
+    # tables looked up by all-to-all send their row gradients back the same way
+    exchange, ecap = setup.cfg.embedding.exchange == "all_to_all", setup.cfg.embedding.exchange_capacity
     dense_shardings, _ = sparse.split_tables(setup.state_shardings["params"], paths)
     lead = setup.batch_axes if setup.batch_axes else None
     row_sharding = NamedSharding(setup.mesh, PartitionSpec(lead, None))
@@ -123,9 +126,12 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             for t in tables:
                 if not ids.get(t.name):
                     continue
+                t_ids = jnp.concatenate(ids[t.name])
+                exchanged = exchange and exchange_axes(t.row_axes, setup.batch_axes)
+                cap = capacity(t_ids.shape[0] // t.shards, t.shards, ecap) if exchanged else 0
                 owned[t.name] = sparse.owned_row_grads(
-                    jnp.concatenate(ids[t.name]), jnp.concatenate(g_rows[t.name]), mesh=setup.mesh,
-                    batch_axes=setup.batch_axes, row_axes=t.row_axes, rows_per_shard=t.rows_per_shard)
+                    t_ids, jnp.concatenate(g_rows[t.name]), mesh=setup.mesh, batch_axes=setup.batch_axes,
+                    row_axes=t.row_axes, rows_per_shard=t.rows_per_shard, exchange_cap=cap)
             sq = jnp.square(optax.tree_utils.tree_norm(g_dense)) + sum(o[2] for o in owned.values())
             grad_norm = jnp.sqrt(sq)
             ok = _ok(total, grad_norm, state)

@@ -50,7 +50,7 @@ from recjax.train.step import make_train_step
 # model diagnostics printed on the console line when the model reports them
 CONSOLE_EXTRAS = ("total_loss", "moe_load_max_over_mean", "router_active_ratio")
 OOV_WARN_RATE = 0.01
-SUMMED = ("oov_ids", "targets", "targets_over_cap")  # metrics summed over a logging interval (others: mean)
+SUMMED = ("oov_ids", "exchange_overflow", "targets", "targets_over_cap")  # metrics summed over a logging interval (others: mean)
 
 
 class Preempted(UserError):
@@ -99,6 +99,7 @@ class Trainer:
         self.best = BestTracker.from_config(cfg.train)
         self.clock = Clock()
         self.warned_oov = False
+        self.warned_overflow = False
 
     # --------------------------------------------------------------------------- cadence
     def _due(self, steps: int, epochs: int, step: int) -> bool:
@@ -160,6 +161,11 @@ class Trainer:
         shown = ("loss", "grad_norm", *(k for k in CONSOLE_EXTRAS if k in m))
         log0(format_line(step, self.total, m, shown))
         self._warn_oov("train", m)
+        if m.get("exchange_overflow", 0) > 0 and not self.warned_overflow:
+            self.warned_overflow = True
+            log0(f"warning: {int(m['exchange_overflow'])} distinct ids did not fit their all-to-all bucket in "
+                 f"the last {steps} steps and were looked up as zeros; raise embedding.exchange_capacity "
+                 f"(0 = exact)")
         return m
 
     def _eval_and_track(self, evaluators: dict[str, Any], step: int, state: State,
