@@ -102,7 +102,8 @@ def test_shapes_dtype_and_values():
         spec(10, 20, 20), EmbeddingConfig(dim=4), rngs=nnx.Rngs(0), dtype=jnp.bfloat16
     )
     ids = jnp.array([[1, 2, 3], [9, 19, 18]], jnp.int32)
-    emb, oov = call(m, ids)
+    emb, stats = call(m, ids)
+    oov = stats["oov_ids"]
     assert emb.shape == (2, 3, 4) and emb.dtype == jnp.bfloat16
     assert int(oov) == 0
     np.testing.assert_allclose(np.asarray(emb[1, 2], np.float32), table(m, "C3")[18], rtol=1e-2)
@@ -116,7 +117,8 @@ def test_shapes_dtype_and_values():
 def test_oov_and_missing(oov):
     m = EmbeddingCollection(spec(10, 20), EmbeddingConfig(dim=4, oov=oov), rngs=nnx.Rngs(0))
     ids = jnp.array([[3, -1], [12, 25], [-5, 7]], jnp.int32)  # OOV: 12, 25, -5; -1 missing
-    emb, count = call(m, ids)
+    emb, stats = call(m, ids)
+    count = stats["oov_ids"]
     emb = np.asarray(emb)
     t1, t2 = table(m, "C1"), table(m, "C2")
     assert int(count) == 3 and count.dtype == jnp.int32
@@ -145,7 +147,8 @@ def test_multi_hot_combiner(combiner, oov):
         ],
         np.int32,
     )
-    emb, count = call(m, ids)
+    emb, stats = call(m, ids)
+    count = stats["oov_ids"]
     assert emb.shape == (2, 2, 4)
     assert int(count) == 1
     tables = [table(m, "C1"), table(m, "C2")]
@@ -225,7 +228,8 @@ def test_padded_rows_are_never_looked_up(oov):
     m = EmbeddingCollection(spec(13, 20), EmbeddingConfig(dim=4, oov=oov, pad_rows_to=8), rngs=nnx.Rngs(0))
     assert table(m, "C1").shape == (16, 4) and table(m, "C2").shape == (24, 4)
     ids = jnp.array([[12, 19], [13, 20], [15, 23], [-1, 45], [-3, 7]], jnp.int32)  # OOV: 13, 20, 15, 23, 45, -3
-    emb, count = call(m, ids)
+    emb, stats = call(m, ids)
+    count = stats["oov_ids"]
     emb = np.asarray(emb)
     assert int(count) == 6
     np.testing.assert_allclose(emb[0, 0], table(m, "C1")[12])

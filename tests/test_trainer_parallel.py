@@ -1,7 +1,8 @@
 """Data parallelism changes no number: ``recjax train`` gives the same per-step losses (fp32,
 within 1e-5 over 20 steps) on 1 device, on 8 virtual CPU devices (``--devices 8
 mesh.data=8``) and on 2 processes x 4 devices (``recjax launch local``, gloo), for a CTR
-config and a sequential-recommender config."""
+config and a sequential-recommender config; and the CTR config's all-to-all lookups
+(``embedding.exchange=all_to_all``) give the GSPMD lookups' losses on both topologies."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ CONFIGS = {
 
 
 
+# the CTR config with its lookups as all-to-alls (rows and batch both over `data`)
+ALL_TO_ALL = {"ctr_all_to_all": [*CONFIGS["ctr"], "embedding.exchange=all_to_all"]}
+
+
 def launch_local(n: int, devices: int, command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """``recjax launch local -n N -d M -- command`` (as tests/test_distributed.py runs it)."""
     return subprocess.run(
@@ -46,7 +51,7 @@ def launch_local(n: int, devices: int, command: list[str], timeout: float = 900)
 def train(run_dir: pathlib.Path, task: str, topology: str) -> dict[int, float]:
     """Train ``CONFIGS[task]`` on ``topology`` ("1", "8": devices of one process; "2x4":
     processes x devices) into ``run_dir``; returns the per-step losses."""
-    args = [*CONFIGS[task], f"run_dir={run_dir}"]
+    args = [*{**CONFIGS, **ALL_TO_ALL}[task], f"run_dir={run_dir}"]
     if topology == "2x4":
         proc = launch_local(2, 4, ["recjax", "train", *args, "mesh.data=8"])
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -92,4 +97,13 @@ def test_8_devices_train_like_1(runs: Callable, task: str):
 def test_2_processes_x_4_devices_train_like_1_x_8(runs: Callable, task: str):
     diff = max_diff(runs(task, "2x4"), runs(task, "8"))
     print(f"{task}: max |loss(2 processes x 4 devices) - loss(1 x 8)| over {STEPS} steps: {diff:.3g}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("topology", ["8", pytest.param("2x4", marks=pytest.mark.slow)])
+def test_all_to_all_lookup_trains_like_gspmd(runs: Callable, topology: str):
+    """The explicit all-to-all lookup (and its row-gradient exchange in the sparse update)
+    gives the GSPMD gather's losses, on one process and across two."""
+    diff = max_diff(runs("ctr_all_to_all", topology), runs("ctr", "8"))
+    print(f"all-to-all vs GSPMD lookup on {topology}: max |loss difference| over {STEPS} steps: {diff:.3g}")
     assert diff < TOL
