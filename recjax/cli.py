@@ -25,6 +25,7 @@ from recjax.parallel import distributed
 # (subcommand, sub-subcommand or None) -> module with add_arguments(parser) and run(args)
 PLUGINS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "kernels"): ("recjax.bench.kernels", "time and memory of the kernels' implementations"),
+    ("bench", "embeddings"): ("recjax.bench.embeddings", "step time and temporaries vs table rows (sparse vs dense updates); bytes exchanged by lookups"),
     ("bench", "mfu"): ("recjax.bench.mfu", "step time, examples/s, TFLOP/s and MFU of model presets"),
     ("bench", "seqrec"): ("recjax.bench.seqrec", "memory and step time vs sequence length of the sequential recommenders' attention types"),
     ("launch", None): ("recjax.parallel.launch", "start a multi-process job: local | slurm | k8s | tpu"),

@@ -8,7 +8,7 @@ analytic model FLOPs. Nothing is allocated except what XLA needs to compile.
 
 Beside XLA's memory figure the report gives an analytic estimate per device
 (:func:`analytic_memory`): the sharded train state (exact, from the shardings), gradients
-(the size of the parameter shards), activations kept for the backward pass (the model's
+(the size of the parameter shards, without the tables a sparse update handles), activations kept for the backward pass (the model's
 per-example estimate for its remat policy times the per-device batch), the layer weights
 gathered in the compute dtype (every layer's when nothing is rematerialised -- XLA keeps
 each scanned layer's gathered weights as a backward residual -- one layer's under
@@ -18,7 +18,8 @@ A model entry without an activation estimate counts none.
 The report also places every embedding table (rows, the mesh axes its rows are split over,
 shard count, bytes per device: :func:`table_placement`) and splits the per-device train state
 into parameters and optimizer state (:func:`state_memory`); ``recjax params --devices N``
-prints the same placement and state figures without compiling.
+prints the same placement and state figures without compiling. The bytes each device sends
+per step are read from the compiled HLO's collectives (:mod:`recjax.train.collectives`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from recjax.config import Config
 from recjax.models import registry
 from recjax.train import flops as flops_lib
+from recjax.train import sparse_update as sparse
 from recjax.train.collectives import collective_traffic
 from recjax.train.state import TrainSetup, describe_model, inspection_setup
 from recjax.train.step import make_train_step
@@ -139,7 +141,8 @@ def analytic_memory(setup: TrainSetup, info: dict[str, float]) -> dict[str, int]
     """Per-device bytes: state + gradients + activations + FSDP working set (module docstring)."""
     cfg = setup.cfg
     state = _shard_bytes(setup.abstract_state)
-    grads = _shard_bytes(setup.abstract_state["params"])
+    # sparse tables have no gradient array: their touched rows' gradients are batch-sized
+    grads = _shard_bytes(sparse.split_tables(setup.abstract_state["params"], setup.sparse_paths)[0])
     per_example = activation_bytes_per_example(cfg, setup.task.data_info) or 0.0
     activations = int(per_example * cfg.data.global_batch / setup.batch_shards)
     compute_bytes = 2 if cfg.train.compute_dtype == "bfloat16" else 4
