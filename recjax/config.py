@@ -154,14 +154,16 @@ class TableConfig:
     vocab_size: int = 0
     dim: int = 0  # 0 -> embedding.dim
     features: list[str] = field(default_factory=list)
-    placement: Literal["default", "replicated", "row_sharded"] = "default"
+    placement: Literal["default", "auto", "replicated", "row_sharded"] = "default"
 
 
 @dataclass
 class EmbeddingConfig:
     dim: int = 16
     combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
-    placement: Literal["replicated", "row_sharded"] = "row_sharded"
+    # auto: replicated up to replicate_max_bytes (fp32 rows), row_sharded above
+    placement: Literal["auto", "replicated", "row_sharded"] = "row_sharded"
+    replicate_max_bytes: int = 16 * 2**20
     oov: Literal["hash", "drop"] = "hash"  # out-of-vocabulary ids: modulo-hash, or zero vector
     # table rows are rounded up to a multiple of this, so a row-sharded table divides over its
     # shards (the trainer refuses one that does not); padding rows are never looked up

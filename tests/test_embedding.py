@@ -419,3 +419,12 @@ np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-5)
 print("ok", len(jax.devices()))
 """
     assert "ok 4" in run_python(code, devices=4)
+
+
+def test_auto_placement_replicates_small_tables():
+    cfg = EmbeddingConfig(dim=4, placement="auto", replicate_max_bytes=100 * 4 * 4)
+    specs = resolve_tables(spec(100, 101), cfg)
+    assert [(t.vocab_size, t.placement) for t in specs] == [(100, "replicated"), (101, "row_sharded")]
+    explicit = EmbeddingConfig(dim=4, placement="row_sharded", replicate_max_bytes=10**9,
+                               tables=[TableConfig(name="t", features=["C1", "C2"], placement="auto")])
+    assert resolve_tables(spec(100, 101), explicit)[0].placement == "replicated"

@@ -106,3 +106,35 @@ assert int(lost) == lost_ref and lost_ref > 0, (int(lost), lost_ref)
 print("ok", int(lost))
 """
     assert "ok" in run_python(code, devices=8)
+
+
+def test_collective_traffic_counts_hlo_collectives():
+    from recjax.train.collectives import collective_traffic
+
+    hlo = """
+  %ag = s32[4096]{0} all-gather(s32[512]{0} %x), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  %ar = f32[256,64]{1,0} all-reduce(f32[256,64]{1,0} %y), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  ROOT %a2a = (f32[8,16]{1,0}, s32[8]{0}) all-to-all(f32[8,16]{1,0} %z, s32[8]{0} %w), replica_groups=[1,8]<=[8]
+"""
+    t = collective_traffic(hlo, 8)["by_kind"]
+    assert t["all-gather"] == {"count": 1, "result_bytes": 4096 * 4, "bytes_sent": 4096 * 4 * 7 / 8}
+    assert t["all-reduce"]["bytes_sent"] == 2 * 256 * 64 * 4 * 3 / 4  # groups of 4
+    assert t["all-to-all"]["result_bytes"] == 8 * 16 * 4 + 8 * 4
+
+
+def test_compiled_step_exchanges_by_all_to_all(tmp_path):
+    """`recjax compile` on 8 devices: the all-to-all lookup's step has all-to-alls and no
+    all-gather of ids; the GSPMD lookup's step all-gathers them."""
+    import json
+
+    from tests.conftest import run_cli
+
+    kinds = {}
+    for exchange in ("gspmd", "all_to_all"):
+        out = tmp_path / f"{exchange}.json"
+        run_cli(["compile", "--devices", "8", "--config", "configs/experiments/dlrm_synthetic.yaml", "mesh.data=8",
+                 "data.global_batch=256", "data.synthetic.vocab_sizes=[1024]", f"embedding.exchange={exchange}",
+                 "--json", str(out)])
+        kinds[exchange] = json.loads(out.read_text())["collectives_per_device"]["by_kind"]
+    assert "all-to-all" in kinds["all_to_all"] and "all-gather" not in kinds["all_to_all"], kinds
+    assert "all-gather" in kinds["gspmd"] and "all-to-all" not in kinds["gspmd"], kinds

@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
     from recjax.bench.timing import environment
 
-    result: dict[str, Any] = {**environment(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    result: dict[str, Any] = {**environment(), "args": {
+        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))}}
     if "step" in args.parts:
         result["step"] = run_steps(args)
     if "exchange" in args.parts:

@@ -222,10 +222,18 @@ class TableSpec:
         return ("table_rows", "embed") if self.placement == "row_sharded" else (None, "embed")
 
 
+def _placement(placement: str, vocab: int, dim: int, cfg: EmbeddingConfig) -> Placement:
+    if placement != "auto":
+        return placement  # type: ignore[return-value]
+    return "replicated" if vocab * dim * 4 <= cfg.replicate_max_bytes else "row_sharded"
+
+
 def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpec]:
     """Tables for ``features`` under ``cfg``; raises ``ConfigError`` on an inconsistent layout.
 
     Explicit tables: ``dim: 0`` -> ``cfg.dim``; ``placement: default`` -> ``cfg.placement``;
+    ``placement: auto`` -> ``replicated`` for a table of at most ``cfg.replicate_max_bytes``
+    (fp32 rows: no lookup traffic, every device updates its copy), else ``row_sharded``;
     ``vocab_size: 0`` -> the largest vocabulary of its features. A vocabulary smaller than a
     feature's is allowed (its larger ids follow the ``oov`` rule). Every feature must be in
     exactly one table, and every named feature must exist.
@@ -235,7 +243,7 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
     vocab = {f.name: f.vocab_size for f in features.sparse}
     if not cfg.tables:
         return [
-            TableSpec(f.name, f.vocab_size, cfg.dim, (f.name,), cfg.placement)
+            TableSpec(f.name, f.vocab_size, cfg.dim, (f.name,), _placement(cfg.placement, f.vocab_size, cfg.dim, cfg))
             for f in features.sparse
         ]
 
@@ -264,7 +272,7 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
         v = t.vocab_size or max(vocab[f] for f in t.features)
         d = t.dim or cfg.dim
         placement = cfg.placement if t.placement == "default" else t.placement
-        out.append(TableSpec(t.name, v, d, tuple(t.features), placement))
+        out.append(TableSpec(t.name, v, d, tuple(t.features), _placement(placement, v, d, cfg)))
     missing = [f for f in vocab if f not in owner]
     if missing:
         raise ConfigError(f"embedding.tables: features in no table: {missing}")
