@@ -1,7 +1,7 @@
 """``recjax bench embeddings``: what a train step costs as embedding tables grow, and what
 their lookups exchange between devices.
 
-Two parts, one JSON (default ``notebooks/results/embeddings_<device kind>.json``, with the
+Three parts, one JSON (default ``notebooks/results/embeddings_<device kind>.json``, with the
 device, versions and command):
 
 - ``step`` (on the devices present): DLRM (``configs/models/dlrm.yaml``) with one big table
@@ -17,6 +17,11 @@ device, versions and command):
   and global batch, with the GSPMD lookup, the exact all-to-all and the all-to-all at capacity
   factor 2; per case the bytes each device sends per step, read from the compiled HLO
   (:mod:`recjax.train.collectives`), and the compiled temporaries.
+
+- ``processes``: ``recjax train`` of DLRM with a 4M-row table (sparse updates, all-to-all
+  lookups, batch 4,096) for ``--process-steps`` steps on 8 virtual devices of one process and
+  on 2 processes x 4 devices (``recjax launch local``, gloo collectives); per topology the
+  examples/s of ``report.json`` and the last train loss (the same on both).
 
 The numbers are ratios measured in one run on one machine; absolute times on a shared CPU
 vary run to run.
@@ -43,7 +48,8 @@ EXCHANGES = {"gspmd": ["embedding.exchange=gspmd"],
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["step", "exchange"], choices=["step", "exchange"])
+    parser.add_argument("--parts", nargs="+", default=["step", "exchange", "processes"],
+                        choices=["step", "exchange", "processes"])
     parser.add_argument("--rows", nargs="+", type=int, default=[10_000, 100_000, 1_000_000, 4_000_000, 30_000_000])
     parser.add_argument("--updates", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     parser.add_argument("--ids", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"])
@@ -56,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exchange-devices", nargs="+", type=int, default=[8, 64], help="exchange: virtual devices")
     parser.add_argument("--global-batches", nargs="+", type=int, default=[4096, 16384],
                         help="exchange: global batch sizes")
+    parser.add_argument("--process-steps", type=int, default=200, help="processes: train steps per topology")
     parser.add_argument("--out", default=None, help="JSON path (default notebooks/results/embeddings_<device>.json)")
 
 
@@ -169,6 +176,45 @@ def run_exchange(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+PROCESS_CONFIG = ["--config", "configs/models/dlrm.yaml", "data.synthetic.num_sparse=8",
+                  "data.synthetic.vocab_sizes=[4000000,1000,1000,1000,1000,1000,1000,1000]",
+                  "data.global_batch=4096", "embedding.pad_rows_to=8", "embedding.exchange=all_to_all",
+                  "optim.embedding.update=sparse", "train.eval_every=0", "train.checkpoint_every=0",
+                  "train.tensorboard=false", "data.eval_batches=1", "mesh.data=8"]
+
+
+def process_case(topology: str, steps: int, timeout_s: float = 900) -> dict[str, Any]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["train", *PROCESS_CONFIG, f"train.steps={steps}", f"train.log_every={steps}", f"run_dir={tmp}/run"]
+        if topology == "1x8":
+            cmd = [sys.executable, "-m", "recjax.cli", *args[:1], "--devices", "8", *args[1:]]
+        else:
+            cmd = [sys.executable, "-m", "recjax.cli", "launch", "local", "-n", "2", "-d", "4", "--", "recjax", *args]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"topology": topology, "error": f"no result within {timeout_s} s"}
+        if proc.returncode != 0:
+            return {"topology": topology, "error": (proc.stdout + proc.stderr)[-2000:]}
+        report = json.loads((pathlib.Path(tmp) / "run" / "report.json").read_text())
+        losses = [json.loads(line) for line in (pathlib.Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in losses if m.get("split") == "train"][-1]
+    return {"topology": topology, "steps": steps, "examples_per_s": report["train_examples_per_s"],
+            "last_train_loss": last["loss"]}
+
+
+def run_processes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for topology in ("1x8", "2x4"):
+        r = process_case(topology, args.process_steps)
+        out.append(r)
+        shown = (f"{r['examples_per_s']:,.0f} examples/s, last loss {r['last_train_loss']:.5f}" if "error" not in r
+                 else "error: " + r["error"].strip().splitlines()[-1])
+        print(f"processes {topology}: {shown}", flush=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
@@ -180,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         result["step"] = run_steps(args)
     if "exchange" in args.parts:
         result["exchange"] = run_exchange(args)
+    if "processes" in args.parts:
+        result["processes"] = run_processes(args)
     kind = jax.devices()[0].device_kind.replace(" ", "_").lower()
     out = pathlib.Path(args.out or f"notebooks/results/embeddings_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,11 @@ Tables are resolved from the data's :class:`~recjax.data.spec.FeatureSpec` and t
 every sparse feature gets its own table sized by its vocabulary; otherwise the listed
 tables are used and several features may share one table.
 
-:class:`EmbeddingCollection` holds every table as an :class:`EmbeddingTable` ``[R, d]``
-(fp32), a ``nnx.Param`` subtype: the optimizer routes every variable of that type (in any
-model, e.g. the sequential recommenders' item table) to the embedding optimizer. Row-sharded
+:class:`EmbeddingCollection` holds every table as a :class:`LookupTable` ``[R, d]`` (fp32),
+an :class:`EmbeddingTable` (``nnx.Param`` subtype): the optimizer routes every variable of
+that type (in any model, e.g. the sequential recommenders' item table) to the embedding
+optimizer, and a :class:`LookupTable` -- read only through lookups -- may be updated
+row-wise (``optim.embedding.update=sparse``, :class:`LookupTape`). Row-sharded
 tables are annotated ``("table_rows", "embed")``, replicated ones ``(None, "embed")``.
 ``R = padded_rows(V, embedding.pad_rows_to)`` rows: the vocabulary rounded up so a table
 divides over its shards (the trainer refuses a row-sharded table that does not); the padding
@@ -24,9 +26,13 @@ Multi-hot ids ``[B, F, H]`` (padded with ``-1``) are combined over ``H`` by ``co
 ``sum`` of the vectors, or their ``mean`` over the ids that contributed a vector (zero
 when none did).
 
-Every row lookup goes through :func:`gather_rows`, a gather whose backward deduplicates the
-ids before writing the table gradient (one scatter with unique indices instead of the
-duplicate-index scatter-add that autodiff of ``jnp.take`` produces; see its docstring).
+A lookup into a row-sharded table is an explicit all-to-all with ``embedding.exchange=
+all_to_all`` when the batch is split over the table's row axes
+(:mod:`recjax.parallel.table_exchange`); otherwise it goes through :func:`gather_rows`, a
+gather whose backward deduplicates the ids before writing the table gradient (one scatter with
+unique indices instead of the duplicate-index scatter-add that autodiff of ``jnp.take``
+produces; see its docstring). Lookups return ``stats``: ``oov_ids``, and ``exchange_overflow``
+with the all-to-all.
 
 Tables may have different dims. :meth:`EmbeddingCollection.lookup` returns one ``[B, d_f]``
 array per feature and always works; ``__call__`` stacks them into ``[B, F, d]`` and raises
