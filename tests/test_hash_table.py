@@ -50,7 +50,7 @@ def test_no_collision_below_capacity(capacity, n_keys, same_home, seed):
     slot, probes = ht.find(state, hi, lo, valid)
     slot = np.asarray(slot)
     assert np.all(slot >= 0) and len(set(slot.tolist())) == len(keys)
-    counters = dict(zip(ht.COUNTERS, np.asarray(state.counters).tolist()))
+    counters = dict(zip(ht.COUNTERS, np.asarray(state.counters).tolist(), strict=True))
     assert counters["evictions"] == 0 and counters["rejections"] == 0
     assert counters["insertions"] == len(keys) == int(state.size)
     assert np.all(np.asarray(probes) >= 1)
@@ -111,10 +111,10 @@ def test_trace_matches_python_reference(policy, threshold):
         ref.update(ids, step)
         hi, lo = np.asarray(state.key_hi).astype(np.uint64), np.asarray(state.key_lo).astype(np.uint64)
         occupied = np.asarray(state.state) == ht.OCCUPIED
-        resident = {int((h << np.uint64(32)) | l): (int(c), int(t)) for h, l, c, t, o in
+        resident = {int((h << np.uint64(32)) | lo_): (int(c), int(t)) for h, lo_, c, t, o in
                     zip(hi, lo, np.asarray(state.count), np.asarray(state.last), occupied, strict=True) if o}
         assert resident == {k: tuple(v) for k, v in ref.keys.items()}, step
-        assert dict(zip(ht.COUNTERS, np.asarray(state.counters).tolist())) == ref.counters, step
+        assert dict(zip(ht.COUNTERS, np.asarray(state.counters).tolist(), strict=True)) == ref.counters, step
         # every valid id of the step is resident unless rejected; admitted means count >= threshold
         slot, admitted = np.asarray(out["slot"]), np.asarray(out["admitted"])
         for i, s, a in zip(ids.tolist(), slot, admitted, strict=True):

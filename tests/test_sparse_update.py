@@ -93,7 +93,7 @@ def test_sparse_equals_dense_one_device(name):
     init = jax.device_get(setup.init_state())
     tables = [p for p in _ns["flat"](init["params"]) if "/tables/" in p]
     moved = [np.max(np.abs(_ns["flat"](sparse_state["params"])[p] - _ns["flat"](init["params"])[p])) for p in tables]
-    assert len(tables) == 5 and min(moved) > 1e-3, dict(zip(tables, moved))
+    assert len(tables) == 5 and min(moved) > 1e-3, dict(zip(tables, moved, strict=True))
     # the sparse state holds the row slots, not an optax state of the tables
     rows = sparse_state["opt_state"]["rows"]
     assert int(rows["count"]) == STEPS

@@ -99,7 +99,7 @@ def step_case(rows: int, update: str, ids: str, args: argparse.Namespace) -> dic
             host[k] = (rng.random(a.shape) < 0.25).astype(a.dtype)
         else:
             host[k] = rng.normal(size=a.shape).astype(a.dtype)
-    batch = dict(zip(ab, setup.replicated_batch([host[k] for k in ab])))
+    batch = dict(zip(ab, setup.replicated_batch([host[k] for k in ab]), strict=True))
     t0 = time.perf_counter()
     compiled = step.lower(setup.abstract_state, setup.abstract_batch()).compile()
     compile_s = time.perf_counter() - t0

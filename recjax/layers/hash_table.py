@@ -209,7 +209,7 @@ def initial_rows(hi: jax.Array, lo: jax.Array, dim: int, seed: int = 0) -> jax.A
     inserted again starts from the same row on any shard and after any resume."""
     base = jax.random.key(seed)
 
-    def one(h, l):
-        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, h), l), (dim,)) / jnp.sqrt(dim)
+    def one(h: jax.Array, lo_: jax.Array) -> jax.Array:
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, h), lo_), (dim,)) / jnp.sqrt(dim)
 
     return jax.vmap(one)(hi, lo)
