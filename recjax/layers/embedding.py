@@ -350,17 +350,18 @@ class EmbeddingCollection(nnx.Module):
         for spec in self.specs:
             cols = [i for i, t in enumerate(self.feature_table) if t == spec.name]
             tid = ids[:, cols[0] : cols[0] + 1] if len(cols) == 1 else ids[:, cols]  # [B, n, H]
-            vecs, table_stats = self._lookup_table(spec.name, self.tables[spec.name][...], tid, spec.vocab_size)
+            vecs, table_stats = self._lookup_table(spec, self.tables[spec.name][...], tid)
             stats = {k: v + table_stats.get(k, 0) for k, v in stats.items()}
             for j, c in enumerate(cols):
                 out[c] = vecs[:, j]
         return out, stats  # type: ignore[return-value]
 
-    def _gather(self, table: jax.Array, overflow: list[jax.Array]) -> Gather:
-        """How to read ``table``: the all-to-all exchange when configured and the active mesh
-        splits the batch over exactly the table's row axes, else :func:`gather_rows`."""
+    def _gather(self, spec: TableSpec, table: jax.Array, overflow: list[jax.Array]) -> Gather:
+        """How to read ``table``: the all-to-all exchange when configured for a row-sharded
+        table and the active mesh splits the batch over exactly its row axes, else
+        :func:`gather_rows`."""
         ctx = shd.active()
-        if self.exchange != "all_to_all" or ctx is None:
+        if self.exchange != "all_to_all" or spec.placement != "row_sharded" or ctx is None:
             return lambda t, i: gather_rows(t, jnp.maximum(i, 0))
         mesh, rules = ctx
         rows = shd.spec_axes(tuple(shd.fit_spec(shd.logical_to_spec(("table_rows",), rules, mesh), table.shape[:1], mesh))[0])
@@ -377,9 +378,10 @@ class EmbeddingCollection(nnx.Module):
         return gather
 
     def _lookup_table(
-        self, name: str, table: jax.Array, ids: jax.Array, vocab: int
+        self, spec: TableSpec, table: jax.Array, ids: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, stats as in :meth:`lookup`)."""
+        vocab = spec.vocab_size
         in_vocab = (ids >= 0) & (ids < vocab)
         is_oov = (ids != -1) & ~in_vocab
         oov = jnp.sum(is_oov, dtype=jnp.int32)
@@ -391,9 +393,9 @@ class EmbeddingCollection(nnx.Module):
             idx = ids
         idx = jnp.where(used, idx, -1).reshape(-1)
         overflow: list[jax.Array] = []
-        gather = self._gather(table, overflow)
+        gather = self._gather(spec, table, overflow)
         tape = _TAPE.get()
-        flat = gather(table, idx) if tape is None else tape.lookup(name, table, idx, gather)
+        flat = gather(table, idx) if tape is None else tape.lookup(spec.name, table, idx, gather)
         vecs = flat.reshape(*used.shape, -1)  # [B, n, H, d] fp32
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":
