@@ -48,6 +48,12 @@ def spec_axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def leading_axes(sharding: NamedSharding) -> tuple[str, ...]:
+    """The mesh axes a ``NamedSharding`` splits the first dimension over (``()``: none)."""
+    spec = tuple(sharding.spec)
+    return spec_axes(spec[0]) if spec else ()
+
+
 def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
     """Map logical names to a PartitionSpec; unknown or ``None`` names are replicated.
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from recjax.config import Config
 from recjax.models import registry
+from recjax.parallel import sharding as shd
 from recjax.train import flops as flops_lib
 from recjax.train import sparse_update as sparse
 from recjax.train.collectives import collective_traffic
@@ -104,9 +105,7 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
     for (path, leaf), group in zip(leaves, jax.tree.leaves(setup.groups), strict=True):
         if group != "embedding":
             continue
-        spec = tuple(leaf.sharding.spec)
-        first = spec[0] if spec else None
-        axes = [] if first is None else [first] if isinstance(first, str) else list(first)
+        axes = list(shd.leading_axes(leaf.sharding))
         shards = int(np.prod([setup.mesh.shape[a] for a in axes])) if axes else 1
         shard_shape = leaf.sharding.shard_shape(leaf.shape)
         out.append({

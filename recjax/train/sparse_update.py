@@ -46,12 +46,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from recjax.config import EmbeddingOptimConfig
 from recjax.errors import ConfigError
 from recjax.layers.embedding import sum_duplicate_rows
-from recjax.parallel import sharding as shd
 from recjax.parallel.table_exchange import exchange_row_grads
 
 RULES = ("sgd", "adagrad", "rowwise_adagrad", "lazy_adam")
@@ -191,10 +190,6 @@ def apply_rows(
         check_vma=False,
     )(table, slots, loc, sums, lr, count, ok)
 
-
-def row_axes_of(sharding: NamedSharding) -> tuple[str, ...]:
-    spec = tuple(sharding.spec)
-    return shd.spec_axes(spec[0]) if spec else ()
 
 
 # ----------------------------------------------------------------------------- param trees

@@ -240,7 +240,7 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
 
 def _sparse_table(path: tuple[str, ...], params: Any, shardings: Any, mesh: Mesh) -> SparseTable:
     leaf, sharding = sparse.get_path(params, path), sparse.get_path(shardings, path)
-    axes = sparse.row_axes_of(sharding)
+    axes = shd.leading_axes(sharding)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     return SparseTable(path, int(leaf.shape[0]), int(leaf.shape[1]), axes, shards)
 
