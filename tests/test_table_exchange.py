@@ -76,7 +76,7 @@ put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
 t, i = put(table, P(axes, None)), put(ids, P(axes))
 
 def loss(t, i, factor):
-    out, lost = exchange_lookup(t, i, mesh=mesh, axes=axes, capacity_factor=factor)
+    out, lost = exchange_lookup(t, i, mesh=mesh, axes=axes, cap=capacity(n // 8, 8, factor))
     return jnp.sum(out * w), (out, lost)
 
 # exact capacity: rows equal take (zeros for -1), gradient equals the dense scatter-add

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,7 +58,7 @@ from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
-from recjax.parallel.table_exchange import exchange_axes, exchange_lookup
+from recjax.parallel.table_exchange import capacity, exchange_axes, exchange_lookup
 
 Placement = Literal["replicated", "row_sharded"]
 Gather = Callable[[jax.Array, jax.Array], jax.Array]  # (table [R, d], ids [N]) -> rows [N, d]
@@ -85,18 +86,22 @@ class LookupTape:
     The deltas are zeros, so values are unchanged; the gradient of the loss with respect to
     ``deltas[name][k]`` ``[N_k, d]`` is the per-lookup row gradient, and no ``[rows, d]`` table
     gradient exists. ``deltas=None`` records ids only (the shape-discovery pass).
+    ``exchange_caps[name][k]``: the per-destination slots of call ``k``'s all-to-all (0: GSPMD
+    gather), so the row gradients go back the way the rows came.
     """
 
     deltas: dict[str, list[jax.Array]] | None = None
     ids: dict[str, list[jax.Array]] = field(default_factory=dict)
+    exchange_caps: dict[str, list[int]] = field(default_factory=dict)
 
-    def lookup(self, name: str, table: jax.Array, ids: jax.Array, gather: Gather) -> jax.Array:
+    def lookup(self, name: str, table: jax.Array, ids: jax.Array, gather: Gather, cap: int) -> jax.Array:
         """``ids [N]`` (``-1``: contributes nothing) -> ``gather(table, ids)`` rows ``[N, d]``."""
         calls = self.ids.setdefault(name, [])
         rows = gather(jax.lax.stop_gradient(table), ids)
         if self.deltas is not None:
             rows = rows + self.deltas[name][len(calls)]
         calls.append(ids)
+        self.exchange_caps.setdefault(name, []).append(cap)
         return rows
 
 
@@ -356,26 +361,29 @@ class EmbeddingCollection(nnx.Module):
                 out[c] = vecs[:, j]
         return out, stats  # type: ignore[return-value]
 
-    def _gather(self, spec: TableSpec, table: jax.Array, overflow: list[jax.Array]) -> Gather:
-        """How to read ``table``: the all-to-all exchange when configured for a row-sharded
-        table and the active mesh splits the batch over exactly its row axes, else
-        :func:`gather_rows`."""
+    def _gather(self, spec: TableSpec, table: jax.Array, n_ids: int, overflow: list[jax.Array]) -> tuple[Gather, int]:
+        """How to read ``table`` for ``n_ids`` ids, and the all-to-all's slots per destination:
+        the exchange when configured for a row-sharded table and the active mesh splits the
+        batch over exactly its row axes, else (:func:`gather_rows`, 0)."""
+        local = (lambda t, i: gather_rows(t, jnp.maximum(i, 0))), 0
         ctx = shd.active()
         if self.exchange != "all_to_all" or spec.placement != "row_sharded" or ctx is None:
-            return lambda t, i: gather_rows(t, jnp.maximum(i, 0))
+            return local
         mesh, rules = ctx
         rows = shd.spec_axes(tuple(shd.fit_spec(shd.logical_to_spec(("table_rows",), rules, mesh), table.shape[:1], mesh))[0])
         batch = shd.spec_axes(shd.logical_to_spec(("batch",), rules, mesh)[0])
         axes = exchange_axes(rows, batch)
         if axes is None:
-            return lambda t, i: gather_rows(t, jnp.maximum(i, 0))
+            return local
+        shards = math.prod(mesh.shape[a] for a in axes)
+        cap = capacity(n_ids // shards, shards, self.exchange_capacity)
 
         def gather(t: jax.Array, i: jax.Array) -> jax.Array:
-            rows, lost = exchange_lookup(t, i, mesh=mesh, axes=axes, capacity_factor=self.exchange_capacity)
+            rows, lost = exchange_lookup(t, i, mesh=mesh, axes=axes, cap=cap)
             overflow.append(lost)
             return rows
 
-        return gather
+        return gather, cap
 
     def _lookup_table(
         self, spec: TableSpec, table: jax.Array, ids: jax.Array
@@ -393,9 +401,9 @@ class EmbeddingCollection(nnx.Module):
             idx = ids
         idx = jnp.where(used, idx, -1).reshape(-1)
         overflow: list[jax.Array] = []
-        gather = self._gather(spec, table, overflow)
+        gather, cap = self._gather(spec, table, idx.shape[0], overflow)
         tape = _TAPE.get()
-        flat = gather(table, idx) if tape is None else tape.lookup(spec.name, table, idx, gather)
+        flat = gather(table, idx) if tape is None else tape.lookup(spec.name, table, idx, gather, cap)
         vecs = flat.reshape(*used.shape, -1)  # [B, n, H, d] fp32
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":

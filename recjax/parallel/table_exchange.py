@@ -88,11 +88,10 @@ def _lookup_local(table: jax.Array, ids: jax.Array, *, axes: tuple[str, ...], ca
 
 
 def exchange_lookup(table: jax.Array, ids: jax.Array, *, mesh: Mesh, axes: tuple[str, ...],
-                    capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                    cap: int) -> tuple[jax.Array, jax.Array]:
     """``table [R, d]`` rows split over ``axes``, ``ids [N]`` (``-1``: none, else ``< R``) split
-    over the same axes -> (rows ``[N, d]``, zeros where ``-1`` or overflowed; int32 overflow count)."""
-    shards = math.prod(mesh.shape[a] for a in axes)
-    cap = capacity(ids.shape[0] // shards, shards, capacity_factor)
+    over the same axes, ``cap`` slots per destination (:func:`capacity`) -> (rows ``[N, d]``,
+    zeros where ``-1`` or overflowed; int32 overflow count)."""
     P = PartitionSpec
     fn = jax.shard_map(
         lambda t, i: _lookup_local(t, i, axes=axes, cap=cap), mesh=mesh,

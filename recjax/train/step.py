@@ -27,7 +27,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from recjax.layers.embedding import LookupTape, recording
 from recjax.parallel import sharding as shd
-from recjax.parallel.table_exchange import capacity, exchange_axes
 from recjax.train import sparse_update as sparse
 from recjax.train.optim import learning_rate_schedule
 from recjax.train.state import State, TrainSetup
@@ -92,8 +91,6 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
     rule = sparse.row_rule(ecfg)
     emb_lr = learning_rate_schedule(setup.cfg.optim, ecfg.lr, setup.total_steps)
     clip = setup.cfg.optim.grad_clip_norm
-    # tables looked up by all-to-all send their row gradients back the same way
-    exchange, ecap = setup.cfg.embedding.exchange == "all_to_all", setup.cfg.embedding.exchange_capacity
     dense_shardings, _ = sparse.split_tables(setup.state_shardings["params"], paths)
     lead = setup.batch_axes if setup.batch_axes else None
     row_sharding = NamedSharding(setup.mesh, PartitionSpec(lead, None))
@@ -103,22 +100,28 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             total, metrics = task.loss(nnx.merge(setup.graphdef, sparse.join_tables(dense, tables_)), batch, rng)
         return total, (metrics, tape.ids)
 
-    def lookup_shapes(params: Any, batch: Batch, rng: jax.Array) -> dict[str, list[jax.ShapeDtypeStruct]]:
-        """Per table, the shape of each lookup's ids (traced once, nothing computed)."""
+    def discover(params: Any, batch: Batch, rng: jax.Array) -> LookupTape:
+        """A tape of the lookups (traced once, nothing computed): per table, each call's ids as
+        ``ShapeDtypeStruct`` and its all-to-all slots per destination."""
+        tapes = []
+
         def ids_only(params, batch, rng):
             with recording(LookupTape()) as tape:
                 task.loss(nnx.merge(setup.graphdef, params), batch, rng)
+            tapes.append(tape)
             return tape.ids
-        return jax.eval_shape(ids_only, params, batch, rng)
+
+        shapes = jax.eval_shape(ids_only, params, batch, rng)
+        return LookupTape(ids=shapes, exchange_caps=tapes[0].exchange_caps)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         opt = state["opt_state"]
         with shd.use_rules(setup.mesh, setup.cfg.mesh.rules):
             dense, table_vals = sparse.split_tables(state["params"], paths)
-            shapes = lookup_shapes(state["params"], batch, rng)
+            found = discover(state["params"], batch, rng)
             deltas = {t.name: [jax.lax.with_sharding_constraint(jnp.zeros((s.shape[0], t.dim), jnp.float32), row_sharding)
-                               for s in shapes.get(t.name, [])] for t in tables}
+                               for s in found.ids.get(t.name, [])] for t in tables}
             (total, (metrics, ids)), (g_dense, g_rows) = jax.value_and_grad(
                 loss_fn, argnums=(0, 1), has_aux=True)(dense, deltas, table_vals, batch, rng)
             g_dense = jax.lax.with_sharding_constraint(g_dense, dense_shardings)
@@ -126,12 +129,14 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             for t in tables:
                 if not ids.get(t.name):
                     continue
-                t_ids = jnp.concatenate(ids[t.name])
-                exchanged = exchange and exchange_axes(t.row_axes, setup.batch_axes)
-                cap = capacity(t_ids.shape[0] // t.shards, t.shards, ecap) if exchanged else 0
+                # tables looked up by all-to-all send their row gradients back the same way
+                caps = found.exchange_caps[t.name]
+                if len(caps) > 1 and any(caps):
+                    raise ValueError(f"table {t.name}: one all-to-all lookup per step is supported, got {len(caps)}")
                 owned[t.name] = sparse.owned_row_grads(
-                    t_ids, jnp.concatenate(g_rows[t.name]), mesh=setup.mesh, batch_axes=setup.batch_axes,
-                    row_axes=t.row_axes, rows_per_shard=t.rows_per_shard, exchange_cap=cap)
+                    jnp.concatenate(ids[t.name]), jnp.concatenate(g_rows[t.name]), mesh=setup.mesh,
+                    batch_axes=setup.batch_axes, row_axes=t.row_axes, rows_per_shard=t.rows_per_shard,
+                    exchange_cap=caps[0])
             sq = jnp.square(optax.tree_utils.tree_norm(g_dense)) + sum(o[2] for o in owned.values())
             grad_norm = jnp.sqrt(sq)
             ok = _ok(total, grad_norm, state)
