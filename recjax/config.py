@@ -91,6 +91,9 @@ class SyntheticDataConfig:
     capacity_share: float | None = None  # its share of the logit variance; None = an equal share
     base_ctr: float = 0.25
     seed: int = 1234
+    # raw-id mode: every sparse id v of column c is sent as the 63-bit id mix64(v, c) (uint32
+    # hi/lo halves, ``sparse`` uint32 [B, F, 2]); models need embedding.dynamic tables
+    raw_ids: bool = False
 
 
 @dataclass
@@ -158,6 +161,19 @@ class TableConfig:
 
 
 @dataclass
+class DynamicTableConfig:
+    """Collision-free hash tables for raw 64-bit ids (``recjax.layers.dynamic_table``); with
+    ``capacity > 0`` every embedding table is one, and the batch's ``sparse`` ids are raw."""
+
+    capacity: int = 0  # resident ids per table (0: static tables indexed by vocabulary ids)
+    partitions: int = 1  # hash partitions per table, by id; a multiple of the table's row shards
+    policy: Literal["lfu", "lru"] = "lfu"  # eviction order when full
+    threshold: int = 1  # occurrences before an id's row is looked up and trained
+    max_load: float = 0.75  # slots = capacity / max_load
+    seed: int = 0  # fresh rows are drawn from (id, seed) alone
+
+
+@dataclass
 class EmbeddingConfig:
     dim: int = 16
     combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
@@ -176,6 +192,7 @@ class EmbeddingConfig:
     exchange_capacity: float = 0.0
     # explicit tables; empty = one table per feature, sized by the data's vocabulary
     tables: list[TableConfig] = field(default_factory=list)
+    dynamic: DynamicTableConfig = field(default_factory=DynamicTableConfig)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Data parallelism changes no number: ``recjax train`` gives the same per-step losses (fp32,
 within 1e-5 over 20 steps) on 1 device, on 8 virtual CPU devices (``--devices 8
 mesh.data=8``) and on 2 processes x 4 devices (``recjax launch local``, gloo), for a CTR
-config and a sequential-recommender config; and the CTR config's all-to-all lookups
-(``embedding.exchange=all_to_all``) give the GSPMD lookups' losses on both topologies."""
+config and a sequential-recommender config; the CTR config's all-to-all lookups
+(``embedding.exchange=all_to_all``) give the GSPMD lookups' losses on both topologies; and its
+raw-id version with dynamic tables trains the same on every topology."""
 
 from __future__ import annotations
 
@@ -36,8 +37,14 @@ CONFIGS = {
 
 
 
-# the CTR config with its lookups as all-to-alls (rows and batch both over `data`)
-ALL_TO_ALL = {"ctr_all_to_all": [*CONFIGS["ctr"], "embedding.exchange=all_to_all"]}
+# the CTR config with its lookups as all-to-alls (rows and batch both over `data`), and with raw
+# 64-bit ids through dynamic tables (8 hash partitions: one per device on 8 devices)
+ALL_TO_ALL = {
+    "ctr_all_to_all": [*CONFIGS["ctr"], "embedding.exchange=all_to_all"],
+    "ctr_dynamic": [*CONFIGS["ctr"], "embedding.exchange=all_to_all", "data.synthetic.raw_ids=true",
+                    "embedding.dynamic.capacity=300", "embedding.dynamic.partitions=8",
+                    "embedding.dynamic.threshold=2"],
+}
 
 
 def launch_local(n: int, devices: int, command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
@@ -106,4 +113,13 @@ def test_all_to_all_lookup_trains_like_gspmd(runs: Callable, topology: str):
     gives the GSPMD gather's losses, on one process and across two."""
     diff = max_diff(runs("ctr_all_to_all", topology), runs("ctr", "8"))
     print(f"all-to-all vs GSPMD lookup on {topology}: max |loss difference| over {STEPS} steps: {diff:.3g}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("topology", ["8", pytest.param("2x4", marks=pytest.mark.slow)])
+def test_dynamic_tables_train_like_1_device(runs: Callable, topology: str):
+    """Raw ids through dynamic tables (hash partitions on 8 devices, evictions, admission at 2
+    occurrences, all-to-all lookups) give one device's losses."""
+    diff = max_diff(runs("ctr_dynamic", topology), runs("ctr_dynamic", "1"))
+    print(f"dynamic tables on {topology} vs 1 device: max |loss difference| over {STEPS} steps: {diff:.3g}")
     assert diff < TOL

@@ -4,8 +4,10 @@ The batch contract shared by every stream and model (numpy on the host, one entr
 example of the *process-local* batch ``b``):
 
 - ``dense``: float32 ``[b, num_dense]``
-- ``sparse``: int32 ``[b, F]`` raw ids (hashed into each feature's vocabulary by the stream
-  when the source has no vocabulary of its own; ``-1`` = missing)
+- ``sparse``: int32 ``[b, F]`` ids (hashed into each feature's vocabulary by the stream
+  when the source has no vocabulary of its own; ``-1`` = missing); with ``raw_ids`` (synthetic
+  ``raw_ids: true``) uint32 ``[b, F, 2]``: raw 64-bit ids as ``(hi, lo)`` halves, missing =
+  ``hi == 0xFFFFFFFF``, read through dynamic tables (``embedding.dynamic``)
 - ``label``: float32 ``[b]`` in {0, 1}
 - ``user_id``: int32 ``[b]`` (only when ``has_user_id``; the same id is also the last
   column of ``sparse``, feature ``user``, so models embed it like any other feature)
@@ -38,6 +40,7 @@ class FeatureSpec:
     sparse: tuple[SparseFeature, ...]
     num_dense: int
     has_user_id: bool = False
+    raw_ids: bool = False  # sparse ids are raw 64-bit (hi, lo) pairs
 
     @property
     def num_sparse(self) -> int:
@@ -62,7 +65,7 @@ def feature_spec(cfg: DataConfig) -> FeatureSpec:
         sparse = [SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)]
         if s.user_id:
             sparse.append(SparseFeature("user", s.num_users))
-        return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id)
+        return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id, raw_ids=s.raw_ids)
     vocabs = broadcast_vocab(cfg.criteo.vocab_sizes, CRITEO_NUM_SPARSE, "data.criteo.vocab_sizes")
     return FeatureSpec(
         sparse=tuple(SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)),

@@ -301,10 +301,21 @@ class SyntheticCTR:
         capacity term keeps only its first hidden units (the best a width-m copy of it can do)."""
         return _sigmoid(self._bias + self.logit_terms(example_ids, capacity_units).sum(axis=1))
 
+    def raw_ids(self, sparse: np.ndarray) -> np.ndarray:
+        """Vocabulary ids ``[B, C]`` -> raw 63-bit ids as uint32 ``(hi, lo)`` halves ``[B, C, 2]``:
+        ``mix64(v ^ salt_c) mod 2^63`` (``mix64`` is a bijection: two ids of a column clash only if
+        their hashes agree on 63 bits), so the raw stream carries the same information as the
+        vocabulary one, spread over a 2^63 id space (no id collides
+        with the ``-1`` marker, whose ``hi`` is ``0xFFFFFFFF``)."""
+        raw = mix64(sparse.astype(np.uint64) ^ self._feature_salt) & np.uint64((1 << 63) - 1)
+        return np.stack([(raw >> np.uint64(32)).astype(np.uint32), (raw & np.uint64(0xFFFFFFFF)).astype(np.uint32)],
+                        axis=-1)
+
     def examples(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The batch dict of :mod:`recjax.data.spec` for the given global ids ``[B]`` (int64).
 
-        Returns ``dense`` f32 ``[B, num_dense]``, ``sparse`` i32 ``[B, C]``, ``label`` f32 ``[B]``,
+        Returns ``dense`` f32 ``[B, num_dense]``, ``sparse`` i32 ``[B, C]`` (``raw_ids``: uint32
+        ``[B, C, 2]``, :meth:`raw_ids`), ``label`` f32 ``[B]``,
         ``user_id`` i32 ``[B]`` (if ``cfg.user_id``), ``example_id`` i64 ``[B]``, ``label_prob`` f32 ``[B]``.
         """
         feats = self._features(example_ids)
@@ -312,7 +323,7 @@ class SyntheticCTR:
         sparse = np.ascontiguousarray(feats["sparse"].T, dtype=np.int32)
         out = {
             "dense": feats["dense"],
-            "sparse": sparse,
+            "sparse": self.raw_ids(sparse) if self.cfg.raw_ids else sparse,
             "label": (feats["label_u"] < prob).astype(np.float32),
         }
         if self.cfg.user_id:

@@ -15,6 +15,13 @@ tables are annotated ``("table_rows", "embed")``, replicated ones ``(None, "embe
 divides over its shards (the trainer refuses a row-sharded table that does not); the padding
 rows are never looked up.
 
+With ``embedding.dynamic.capacity > 0`` every table is *dynamic*
+(:mod:`recjax.layers.dynamic_table`): the batch's ``sparse`` ids are raw 64-bit ids (uint32
+``(hi, lo)`` pairs), each table holds a collision-free hash table (:class:`HashSlots`
+variables) whose slots index its rows, and a lookup first finds each id's row (``-1``, a zero
+vector, for ids not resident or not yet admitted: ``cold_ids``). The train step inserts and
+evicts ids before the forward pass (``recjax.train.step``).
+
 Id semantics, per table of vocabulary ``V``:
 
 - ``-1``: missing; contributes a zero vector, not counted as out-of-vocabulary;
@@ -56,6 +63,8 @@ from flax import nnx
 from recjax.config import EmbeddingConfig
 from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
+from recjax.layers import dynamic_table as dyn
+from recjax.layers.dynamic_table import HashSlots, Layout
 from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
 from recjax.parallel.table_exchange import capacity, exchange_axes, exchange_lookup
@@ -116,6 +125,16 @@ def recording(tape: LookupTape) -> Iterator[LookupTape]:
         yield tape
     finally:
         _TAPE.reset(token)
+
+
+def _columns(x: jax.Array, cols: list[int]) -> jax.Array:
+    return x[:, cols[0] : cols[0] + 1] if len(cols) == 1 else x[:, jnp.asarray(cols)]
+
+
+def present(sparse: jax.Array) -> jax.Array:
+    """Which ids of a batch's ``sparse`` are looked up: ``!= -1``, or for raw uint32 ``[..., 2]``
+    ids a ``hi`` half other than the missing marker -> bool ``[B, F(, H)]``."""
+    return dyn.present(sparse[..., 0]) if sparse.dtype == jnp.uint32 else sparse != -1
 
 
 def padded_rows(vocab: int, multiple: int) -> int:
@@ -252,9 +271,18 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
     if cfg.dim <= 0:
         raise ConfigError(f"embedding.dim must be positive, got {cfg.dim}")
     vocab = {f.name: f.vocab_size for f in features.sparse}
+    if features.raw_ids != (cfg.dynamic.capacity > 0):
+        raise ConfigError("raw 64-bit ids need dynamic tables and dynamic tables need raw ids: set "
+                          "data.synthetic.raw_ids and embedding.dynamic.capacity > 0 together")
+    if cfg.dynamic.capacity > 0:  # every table has the rows of its hash table's slots
+        rows = Layout.of(cfg.dynamic).rows
+        if any(t.vocab_size for t in cfg.tables):
+            raise ConfigError("embedding.tables[*].vocab_size: dynamic tables are sized by "
+                              "embedding.dynamic.capacity; leave vocab_size 0")
+        vocab = dict.fromkeys(vocab, rows)
     if not cfg.tables:
         return [
-            TableSpec(f.name, f.vocab_size, cfg.dim, (f.name,), _placement(cfg.placement, f.vocab_size, cfg.dim, cfg))
+            TableSpec(f.name, vocab[f.name], cfg.dim, (f.name,), _placement(cfg.placement, vocab[f.name], cfg.dim, cfg))
             for f in features.sparse
         ]
 
@@ -311,7 +339,16 @@ class EmbeddingCollection(nnx.Module):
         table_of = {f: t.name for t in self.specs for f in t.features}
         # feature i -> the name of its table (static)
         self.feature_table = tuple(table_of[f] for f in self.feature_names)
-        rows = {t.name: padded_rows(t.vocab_size, cfg.pad_rows_to) for t in self.specs}
+        self.dynamic = cfg.dynamic if cfg.dynamic.capacity > 0 else None
+        self.layout = Layout.of(cfg.dynamic) if self.dynamic else None
+        rows = {t.name: t.vocab_size if self.dynamic else padded_rows(t.vocab_size, cfg.pad_rows_to)
+                for t in self.specs}
+        if self.layout is not None:  # hash state per table, split like its rows
+            self.hash = nnx.Dict({
+                t.name: nnx.Dict({f: HashSlots(v, out_sharding=dyn.logical_axes(f, t.placement == "row_sharded"))
+                                  for f, v in dyn.init_state(self.layout).items()})
+                for t in self.specs
+            })
         self.tables = nnx.Dict(
             {
                 t.name: LookupTable(
@@ -334,27 +371,47 @@ class EmbeddingCollection(nnx.Module):
         dims = set(self.feature_dims)
         return dims.pop() if len(dims) == 1 else None
 
-    def lookup(self, ids: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-        """``ids`` int ``[B, F]`` or ``[B, F, H]`` -> (F arrays ``[B, d_f]`` in ``dtype``, stats).
+    def table_columns(self, name: str) -> list[int]:
+        """The feature columns (of the batch's ``sparse``) that table ``name`` embeds."""
+        return [i for i, t in enumerate(self.feature_table) if t == name]
 
-        ``stats``: int32 ``oov_ids``, and with ``embedding.exchange=all_to_all`` the int32
-        ``exchange_overflow`` (distinct ids an all-to-all could not send; their lookups are zeros).
+    def lookup(self, ids: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        """``ids`` int ``[B, F]`` or ``[B, F, H]`` (dynamic tables: raw ids, uint32 ``[B, F(, H), 2]``)
+        -> (F arrays ``[B, d_f]`` in ``dtype``, stats).
+
+        ``stats``: int32 ``oov_ids``; with ``embedding.exchange=all_to_all`` the int32
+        ``exchange_overflow`` (distinct ids an all-to-all could not send; their lookups are zeros);
+        with dynamic tables the int32 ``cold_ids`` (raw ids not resident or not yet admitted:
+        zero vectors).
         """
-        if ids.ndim not in (2, 3) or ids.shape[1] != len(self.feature_names):
-            raise ValueError(
-                f"sparse ids must be [B, {len(self.feature_names)}] or [B, {len(self.feature_names)}, H], "
-                f"got shape {ids.shape}"
-            )
-        ids = ids.astype(jnp.int32)
-        if ids.ndim == 2:
-            ids = ids[:, :, None]
+        f = len(self.feature_names)
+        if self.dynamic:
+            if ids.dtype != jnp.uint32 or ids.ndim not in (3, 4) or ids.shape[1] != f or ids.shape[-1] != 2:
+                raise ValueError(f"dynamic tables read raw ids uint32 [B, {f}(, H), 2], got {ids.dtype} {ids.shape}")
+            raw = ids if ids.ndim == 4 else ids[:, :, None]
+        elif ids.ndim not in (2, 3) or ids.shape[1] != f:
+            raise ValueError(f"sparse ids must be [B, {f}] or [B, {f}, H], got shape {ids.shape}")
+        else:
+            ids = ids.astype(jnp.int32)
+            if ids.ndim == 2:
+                ids = ids[:, :, None]
         out: list[jax.Array | None] = [None] * len(self.feature_names)
         stats = {"oov_ids": jnp.zeros((), jnp.int32)}
         if self.exchange == "all_to_all":
             stats["exchange_overflow"] = jnp.zeros((), jnp.int32)
+        if self.dynamic:
+            stats["cold_ids"] = jnp.zeros((), jnp.int32)
         for spec in self.specs:
-            cols = [i for i, t in enumerate(self.feature_table) if t == spec.name]
-            tid = ids[:, cols[0] : cols[0] + 1] if len(cols) == 1 else ids[:, cols]  # [B, n, H]
+            cols = self.table_columns(spec.name)
+            if self.dynamic:
+                r = _columns(raw, cols)  # [B, n, H, 2]
+                rows = dyn.find_rows({k: v[...] for k, v in self.hash[spec.name].items()},
+                                     r[..., 0].reshape(-1), r[..., 1].reshape(-1), layout=self.layout,
+                                     threshold=self.dynamic.threshold, row_sharded=spec.placement == "row_sharded")
+                tid = rows.reshape(r.shape[:-1])
+                stats["cold_ids"] += jnp.sum(dyn.present(r[..., 0]) & (tid < 0), dtype=jnp.int32)
+            else:
+                tid = _columns(ids, cols)  # [B, n, H]
             vecs, table_stats = self._lookup_table(spec, self.tables[spec.name][...], tid)
             stats = {k: v + table_stats.get(k, 0) for k, v in stats.items()}
             for j, c in enumerate(cols):

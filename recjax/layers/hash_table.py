@@ -76,7 +76,7 @@ def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (u >> np.uint64(32)).astype(np.uint32), (u & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _fmix32(x: jax.Array) -> jax.Array:
+def fmix32(x: jax.Array) -> jax.Array:
     """MurmurHash3's 32-bit finaliser (a bijection with full avalanche)."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
@@ -87,7 +87,7 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 def home(hi: jax.Array, lo: jax.Array, slots: int) -> jax.Array:
     """Home slot ``[N]`` int32 of ids ``(hi, lo)``."""
-    h = _fmix32(lo ^ _fmix32(hi ^ jnp.uint32(0x9E3779B9)))
+    h = fmix32(lo ^ fmix32(hi ^ jnp.uint32(0x9E3779B9)))
     return (h % jnp.uint32(slots)).astype(jnp.int32)
 
 

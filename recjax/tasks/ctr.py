@@ -1,7 +1,7 @@
 """Click-through-rate prediction: DLRM, DCNv2, RankMixer, TokenMixer-Large.
 
 Data: the synthetic teacher stream or Criteo TSV files (``recjax.data.pipeline``), batches of
-``dense [B, num_dense] f32``, ``sparse [B, F] int32``, ``label [B] f32`` (``user_id [B]`` for
+``dense [B, num_dense] f32``, ``sparse [B, F] int32`` (raw ids: ``[B, F, 2] uint32``), ``label [B] f32`` (``user_id [B]`` for
 GAUC). Loss, with ``z`` the model's logits and ``y`` the labels::
 
     loss  = mean_b BCE(z_b, y_b),   BCE(z, y) = softplus(z) - y z
@@ -26,6 +26,7 @@ from recjax.config import Config
 from recjax.data import pipeline
 from recjax.data.spec import DEVICE_KEYS, FeatureSpec, feature_spec
 from recjax.errors import ConfigError, DataError
+from recjax.layers.embedding import present
 from recjax.parallel import sharding as shd
 from recjax.registry import TASKS
 from recjax.tasks.base import Evaluator, Metrics, Task, scalar_metrics
@@ -36,7 +37,7 @@ SOURCES = ("synthetic", "criteo")
 
 def oov_metrics(oov_ids: jax.Array, sparse: jax.Array) -> Metrics:
     """Out-of-vocabulary count and its share of the lookups (ids other than -1, "missing")."""
-    lookups = jnp.sum(sparse != -1, dtype=jnp.int32)
+    lookups = jnp.sum(present(sparse), dtype=jnp.int32)
     return {"oov_ids": oov_ids, "oov_rate": oov_ids / jnp.maximum(lookups, 1)}
 
 
@@ -59,7 +60,8 @@ class CTRTask(Task):
         g, f = self.cfg.data.global_batch, self.data_info
         out = {
             "dense": jax.ShapeDtypeStruct((g, f.num_dense), jnp.float32),
-            "sparse": jax.ShapeDtypeStruct((g, f.num_sparse), jnp.int32),
+            "sparse": (jax.ShapeDtypeStruct((g, f.num_sparse, 2), jnp.uint32) if f.raw_ids
+                       else jax.ShapeDtypeStruct((g, f.num_sparse), jnp.int32)),
             "label": jax.ShapeDtypeStruct((g,), jnp.float32),
         }
         if f.has_user_id:
@@ -124,7 +126,7 @@ class StreamEvaluator:
                 logits, aux = nnx.merge(setup.graphdef, params)(batch, train=False)
             out = {"prob": jax.nn.sigmoid(logits), "label": batch["label"],
                    "oov_ids": aux.get("oov_ids", jnp.zeros((), jnp.int32)),
-                   "lookups": jnp.sum(batch["sparse"] != -1, dtype=jnp.int32)}
+                   "lookups": jnp.sum(present(batch["sparse"]), dtype=jnp.int32)}
             for key in ("user_id", "label_prob"):
                 if key in batch:
                     out[key] = batch[key]

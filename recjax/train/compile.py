@@ -38,7 +38,7 @@ from recjax.parallel import sharding as shd
 from recjax.train import flops as flops_lib
 from recjax.train import sparse_update as sparse
 from recjax.train.collectives import collective_traffic
-from recjax.train.state import TrainSetup, describe_model, inspection_setup
+from recjax.train.state import TrainSetup, describe_model, grouped_params, inspection_setup
 from recjax.train.step import make_train_step
 
 
@@ -100,16 +100,15 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
     name, rows, dim, the mesh axes its rows are split over (``[]``: replicated), the shard
     count, rows and bytes per device."""
     out = []
-    params = setup.abstract_state["params"]
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (path, leaf), group in zip(leaves, jax.tree.leaves(setup.groups), strict=True):
+    dynamic = {t.rows.path: t.layout for t in setup.dynamic_tables}
+    for path, leaf, group in grouped_params(setup.abstract_state["params"], setup.groups):
         if group != "embedding":
             continue
         axes = list(shd.leading_axes(leaf.sharding))
         shards = int(np.prod([setup.mesh.shape[a] for a in axes])) if axes else 1
         shard_shape = leaf.sharding.shard_shape(leaf.shape)
         out.append({
-            "name": jax.tree_util.keystr(path, simple=True, separator="."),
+            "name": ".".join(str(k) for k in path),
             "rows": int(leaf.shape[0]),
             "dim": int(leaf.shape[1]) if leaf.ndim > 1 else 1,
             "row_axes": axes,
@@ -117,6 +116,10 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
             "rows_per_device": int(shard_shape[0]),
             "bytes_per_device": int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize,
         })
+        if path in dynamic:
+            lay = dynamic[path]
+            out[-1]["dynamic"] = {"capacity": lay.partitions * lay.capacity, "partitions": lay.partitions,
+                                  "slots_per_partition": lay.slots}
     return out
 
 
@@ -126,6 +129,8 @@ def format_placement(tables: list[dict[str, Any]]) -> list[str]:
         + (f"over {' x '.join(t['row_axes'])} ({t['shards']} shards of {t['rows_per_device']:,} rows)"
            if t["row_axes"] else "replicated")
         + f", {flops_lib.format_bytes(t['bytes_per_device'])} per device"
+        + (f"; dynamic: {t['dynamic']['capacity']:,} ids in {t['dynamic']['partitions']} partition(s) of "
+           f"{t['dynamic']['slots_per_partition']:,} slots" if "dynamic" in t else "")
         for t in tables
     ]
 

@@ -75,8 +75,13 @@ def slot_shapes(name: str, rows: int, dim: int) -> dict[str, tuple[int, ...]]:
     )
 
 
+def slot_fills(cfg: EmbeddingOptimConfig) -> dict[str, float]:
+    """Initial value of each optimizer slot (also what a re-initialised row's slots get)."""
+    return {"acc": cfg.initial_accumulator, "m": 0.0, "v": 0.0}
+
+
 def init_slots(cfg: EmbeddingOptimConfig, rows: int, dim: int) -> dict[str, jax.Array]:
-    fill = {"acc": cfg.initial_accumulator, "m": 0.0, "v": 0.0}
+    fill = slot_fills(cfg)
     return {k: jnp.full(s, fill[k], jnp.float32) for k, s in slot_shapes(cfg.name, rows, dim).items()}
 
 
@@ -198,14 +203,18 @@ Path = tuple[str, ...]
 
 
 def split_tables(tree: dict, paths: tuple[Path, ...]) -> tuple[dict, dict]:
-    """A nested dict -> (it without the leaves at ``paths``, a nested dict of just those)."""
+    """A nested dict -> (it without the leaves at ``paths`` and without dicts left empty, a
+    nested dict of just those leaves)."""
     rest = _copy_dicts(tree)
     tables: dict = {}
     for path in paths:
-        node = rest
+        nodes = [rest]
         for k in path[:-1]:
-            node = node[k]
-        set_path(tables, path, node.pop(path[-1]))
+            nodes.append(nodes[-1][k])
+        set_path(tables, path, nodes[-1].pop(path[-1]))
+        for parent, k, node in zip(reversed(nodes[:-1]), reversed(path[:-1]), reversed(nodes[1:]), strict=True):
+            if not node:
+                del parent[k]
     return rest, tables
 
 

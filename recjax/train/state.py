@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recjax.config import Config
 from recjax.errors import ConfigError
-from recjax.layers.embedding import EmbeddingTable, LookupTable
+from recjax.layers import dynamic_table as dyn
+from recjax.layers.embedding import EmbeddingCollection, EmbeddingTable, LookupTable
 from recjax.parallel import sharding as shd
 from recjax.parallel.mesh import make_mesh
 from recjax.tasks import Task, get_task
@@ -100,6 +101,21 @@ class SparseTable:
         return self.rows // self.shards
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicTable:
+    """A dynamic (raw-id) table: its rows, where its hash state sits in the params, which
+    columns of the batch's ``sparse`` it embeds, and its sizes."""
+
+    rows: SparseTable
+    hash_path: tuple[str, ...]
+    columns: tuple[int, ...]
+    layout: dyn.Layout
+
+    @property
+    def hash_leaf_paths(self) -> tuple[tuple[str, ...], ...]:
+        return tuple((*self.hash_path, f) for f in dyn.FIELDS)
+
+
 @dataclasses.dataclass
 class TrainSetup:
     cfg: Config
@@ -114,10 +130,16 @@ class TrainSetup:
     batch_axes: tuple[str, ...]  # mesh axes the leading (batch) dimension is split over
     # tables updated row-wise (optim.embedding.update=sparse); empty: every gradient is dense
     sparse_tables: tuple[SparseTable, ...] = ()
+    dynamic_tables: tuple[DynamicTable, ...] = ()  # raw-id tables (all of them sparse tables)
 
     @property
     def sparse_paths(self) -> tuple[tuple[str, ...], ...]:
         return tuple(t.path for t in self.sparse_tables)
+
+    @property
+    def hash_paths(self) -> tuple[tuple[str, ...], ...]:
+        """Params leaves that are hash-table state: neither differentiated nor optimized."""
+        return tuple(p for t in self.dynamic_tables for p in t.hash_leaf_paths)
 
     @property
     def n_devices(self) -> int:
@@ -150,7 +172,7 @@ class TrainSetup:
         with their table's key path, so they are row-sharded like it."""
         if not self.sparse_tables:
             return self.tx.init(params)
-        dense, _ = sparse.split_tables(params, self.sparse_paths)
+        dense, _ = sparse.split_tables(params, self.sparse_paths + self.hash_paths)
         rows: dict[str, Any] = {"count": jnp.zeros((), jnp.int32)}
         for t in self.sparse_tables:
             for k, v in sparse.init_slots(self.cfg.optim.embedding, t.rows, t.dim).items():
@@ -202,17 +224,19 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     graphdef, abstract_params = nnx.split(model)
     logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     abstract_params = nnx.to_pure_dict(abstract_params)
+    check_partitions(cfg, model, mesh)
     param_shardings = shd.tree_shardings(logical_specs, abstract_params, mesh, cfg.mesh.rules)
     groups = param_groups(model)
     paths = lookup_table_paths(model) if cfg.optim.embedding.update == "sparse" else ()
     tables = tuple(_sparse_table(p, abstract_params, param_shardings, mesh) for p in paths)
+    dynamic = _dynamic_tables(cfg, model, tables)
     if tables:
         sparse.slot_shapes(cfg.optim.embedding.name, 1, 1)  # a sparse rule, or a ConfigError
         tx = optim.make_optimizer(cfg.optim, total, sparse.split_tables(groups, paths)[0], clip=False)
     else:
         tx = optim.make_optimizer(cfg.optim, total, groups)
 
-    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables)
+    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables, dynamic)
     abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     flat_params = {
@@ -245,6 +269,38 @@ def _sparse_table(path: tuple[str, ...], params: Any, shardings: Any, mesh: Mesh
     return SparseTable(path, int(leaf.shape[0]), int(leaf.shape[1]), axes, shards)
 
 
+def check_partitions(cfg: Config, model: nnx.Module, mesh: Mesh) -> None:
+    """A row-sharded dynamic table needs a partition count that its row shards divide (each
+    device holds whole partitions with their rows)."""
+    axes = shd.spec_axes(shd.logical_to_spec(("table_rows",), cfg.mesh.rules, mesh)[0])
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, EmbeddingCollection) and node.layout is not None and node.layout.partitions % shards \
+                and any(t.placement == "row_sharded" for t in node.specs):
+            raise ConfigError(f"embedding.dynamic.partitions={node.layout.partitions} must be a multiple of the "
+                              f"{shards} row shards of mesh axes {' x '.join(axes)} (each device holds whole "
+                              "partitions with their rows), or use embedding.placement=replicated")
+
+
+def _dynamic_tables(cfg: Config, model: nnx.Module, tables: tuple[SparseTable, ...]) -> tuple[DynamicTable, ...]:
+    """The dynamic tables of every :class:`EmbeddingCollection` in ``model`` (they need sparse
+    updates)."""
+    by_path = {t.path: t for t in tables}
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, EmbeddingCollection) or node.layout is None:
+            continue
+        if cfg.optim.embedding.update != "sparse":
+            raise ConfigError("embedding.dynamic needs optim.embedding.update=sparse (fresh rows and their "
+                              "optimizer slots are reset row by row)")
+        path = tuple(str(k) for k in path)
+        for spec in node.specs:
+            rows = by_path[(*path, "tables", spec.name)]
+            out.append(DynamicTable(rows, (*path, "hash", spec.name), tuple(node.table_columns(spec.name)),
+                                    node.layout))
+    return tuple(out)
+
+
 def inspection_setup(cfg: Config, task: Task | None = None) -> TrainSetup:
     """The setup of commands that do not train (``recjax compile``, ``params``, ``eval``): the
     schedule's length changes no shape or compiled step, so no epoch's rows are read to count
@@ -252,10 +308,16 @@ def inspection_setup(cfg: Config, task: Task | None = None) -> TrainSetup:
     return build_setup(cfg, task, total_steps=max(cfg.train.steps, 1))
 
 
+def grouped_params(params: Any, groups: Any) -> list[tuple[tuple[str, ...], Any, str]]:
+    """``(path, leaf, group)`` of every trained parameter (``groups`` has no entry for other
+    variables, e.g. hash-table state)."""
+    return [(path, sparse.get_path(params, path), group) for path, group in sparse.flat_paths(groups)]
+
+
 def param_counts(params: Any, groups: Any) -> dict[str, int]:
     """Parameter counts split into embedding tables and dense weights."""
     counts = {"embedding": 0, "dense": 0}
-    for leaf, group in zip(jax.tree.leaves(params), jax.tree.leaves(groups), strict=True):
+    for _, leaf, group in grouped_params(params, groups):
         counts[group] += int(np.prod(leaf.shape))
     counts["total"] = counts["embedding"] + counts["dense"]
     return counts

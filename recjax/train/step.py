@@ -11,7 +11,10 @@ With sparse tables (``setup.sparse_tables``, ``optim.embedding.update=sparse``) 
 differentiated with respect to the dense params and the looked-up rows (a
 :class:`~recjax.layers.embedding.LookupTape`), never the tables; the global gradient norm,
 clipping and the NaN guard cover the dense gradients and the touched rows' summed gradients
-together, and :mod:`recjax.train.sparse_update` writes the touched rows in place.
+together, and :mod:`recjax.train.sparse_update` writes the touched rows in place. Dynamic
+(raw-id) tables first insert and evict the batch's ids (``update_dynamic_tables``), so the
+forward pass finds every admitted id's row; their hash state is carried through unchanged by
+the rest of the step.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recjax.layers import dynamic_table as dyn
 from recjax.layers.embedding import LookupTape, recording
 from recjax.parallel import sharding as shd
 from recjax.train import sparse_update as sparse
@@ -91,7 +95,7 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
     rule = sparse.row_rule(ecfg)
     emb_lr = learning_rate_schedule(setup.cfg.optim, ecfg.lr, setup.total_steps)
     clip = setup.cfg.optim.grad_clip_norm
-    dense_shardings, _ = sparse.split_tables(setup.state_shardings["params"], paths)
+    dense_shardings, _ = sparse.split_tables(setup.state_shardings["params"], paths + setup.hash_paths)
     lead = setup.batch_axes if setup.batch_axes else None
     row_sharding = NamedSharding(setup.mesh, PartitionSpec(lead, None))
 
@@ -118,8 +122,12 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
         rng = jax.random.fold_in(state["rng"], state["step"])
         opt = state["opt_state"]
         with shd.use_rules(setup.mesh, setup.cfg.mesh.rules):
-            dense, table_vals = sparse.split_tables(state["params"], paths)
-            found = discover(state["params"], batch, rng)
+            params, rows, dyn_metrics = update_dynamic_tables(state["params"], opt["rows"], batch["sparse"]
+                                                              if setup.dynamic_tables else None, state)
+            opt = {**opt, "rows": rows}
+            # hash state rides with the tables: looked up, never differentiated
+            dense, table_vals = sparse.split_tables(params, paths + setup.hash_paths)
+            found = discover(params, batch, rng)
             deltas = {t.name: [jax.lax.with_sharding_constraint(jnp.zeros((s.shape[0], t.dim), jnp.float32), row_sharding)
                                for s in found.ids.get(t.name, [])] for t in tables}
             (total, (metrics, ids)), (g_dense, g_rows) = jax.value_and_grad(
@@ -161,6 +169,8 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
                 sparse.set_path(new_tables, t.path, table)
                 for k, v in slots.items():
                     sparse.set_path(new_rows.setdefault(k, {}), t.path, v)
+        for path in setup.hash_paths:
+            sparse.set_path(new_tables, path, sparse.get_path(table_vals, path))
         new_state = {
             "step": state["step"] + 1,
             "params": sparse.join_tables(_keep(ok, new_dense, dense), new_tables),
@@ -168,6 +178,37 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             "rng": state["rng"],
             "nonfinite_step": _nonfinite_step(state, ok),
         }
-        return new_state, {"grad_norm": grad_norm, **metrics}
+        return new_state, {"grad_norm": grad_norm, **metrics, **dyn_metrics}
+
+    def update_dynamic_tables(params: Any, rows: Any, raw: jax.Array | None, state: State):
+        """Insert and evict this batch's raw ids ``[B, F(, H), 2]`` in every dynamic table, resetting
+        the rows and optimizer slots of fresh slots (:mod:`recjax.layers.dynamic_table`); a frozen
+        (non-finite) run changes nothing. Metrics are summed over the tables (occupancy and probe
+        length: averaged; probe max: the max)."""
+        if raw is None:
+            return params, rows, {}
+        params, rows = sparse.join_tables(params, {}), sparse.join_tables(rows, {})  # copies to update
+        fills = sparse.slot_fills(ecfg)
+        active = state["nonfinite_step"] < 0
+        per_table = []
+        for t in setup.dynamic_tables:
+            cols = raw[:, jnp.asarray(t.columns)]
+            hash_state = sparse.get_path(params, t.hash_path)
+            slots = {k: sparse.get_path(v, t.rows.path) for k, v in rows.items() if k != "count"}
+            hash_state, table, slots, m = dyn.update_partitions(
+                hash_state, sparse.get_path(params, t.rows.path), slots, cols[..., 0].reshape(-1),
+                cols[..., 1].reshape(-1), state["step"], active, layout=t.layout, cfg=setup.cfg.embedding.dynamic,
+                fills=fills, mesh=setup.mesh, row_axes=t.rows.row_axes, batch_axes=setup.batch_axes)
+            sparse.set_path(params, t.hash_path, hash_state)
+            sparse.set_path(params, t.rows.path, table)
+            for k, v in slots.items():
+                sparse.set_path(rows[k], t.rows.path, v)
+            per_table.append(m)
+        n = len(per_table)
+        out = {k: sum(m[k] for m in per_table) for k in per_table[0] if k != "table_probe_max"}
+        out["table_occupancy"] = out["table_occupancy"] / n
+        out["table_probe_mean"] = out["table_probe_mean"] / n
+        out["table_probe_max"] = jnp.max(jnp.stack([m["table_probe_max"] for m in per_table]))
+        return params, rows, out
 
     return train_step

@@ -48,14 +48,16 @@ from recjax.train.state import State, build_setup, describe_model, inspection_se
 from recjax.train.step import make_train_step
 
 # model diagnostics printed on the console line when the model reports them
-CONSOLE_EXTRAS = ("total_loss", "moe_load_max_over_mean", "router_active_ratio")
+CONSOLE_EXTRAS = ("total_loss", "moe_load_max_over_mean", "router_active_ratio", "table_occupancy")
 OOV_WARN_RATE = 0.01
 # Steps dispatched ahead of the host. Unbounded, a long log interval queues hundreds of
 # executions, and on virtual CPU devices their collectives then deadlock (XLA:CPU's
 # rendezvous saw 5 of 8 devices for 40 s and aborted, all-to-all lookups, log_every=200);
 # a few steps of lookahead keep accelerators busy all the same.
 MAX_STEPS_IN_FLIGHT = 4
-SUMMED = ("oov_ids", "exchange_overflow", "targets", "targets_over_cap")  # metrics summed over a logging interval (others: mean)
+# metrics summed over a logging interval (others: mean)
+SUMMED = ("oov_ids", "exchange_overflow", "cold_ids", "targets", "targets_over_cap", "table_insertions",
+          "table_evictions", "table_admissions", "table_rejections")
 
 
 class Preempted(UserError):
