@@ -151,12 +151,12 @@ def find_rows(state: dict[str, jax.Array], hi: jax.Array, lo: jax.Array, *, layo
         n_part = st["state"].shape[0]
         parts = _first_partition(n_part, row_axes) + jnp.arange(n_part)
 
-        def one(st_p: dict[str, jax.Array], p: jax.Array) -> jax.Array:
-            slot, _ = ht.find(_state(st_p), hi_g, lo_g, valid & (owner == p))
+        rows = jnp.full(hi_g.shape, -1, jnp.int32)
+        for i in range(n_part):  # a loop, not vmap: a batched probe gathers ~40x slower on CPU
+            st_p = {f: v[i] for f, v in st.items()}
+            slot, _ = ht.find(_state(st_p), hi_g, lo_g, valid & (owner == parts[i]))
             admitted = (slot >= 0) & (st_p["count"][jnp.maximum(slot, 0)] >= threshold)
-            return jnp.where(admitted, p * layout.slots + slot, -1)
-
-        rows = jnp.max(jax.vmap(one)(st, parts), axis=0)
+            rows = jnp.where(admitted, parts[i] * layout.slots + slot, rows)
         if row_axes:
             rows = jax.lax.pmax(rows, row_axes)
         return _my_slice(rows, n_local, batch_axes)
@@ -184,12 +184,14 @@ def update_partitions(state: dict[str, jax.Array], table: jax.Array, slots: dict
         n_part = st["state"].shape[0]
         parts = _first_partition(n_part, row_axes) + jnp.arange(n_part)
 
-        def one(st_p, p):
-            new, out = ht.update(_state(st_p), hi_g, lo_g, valid & (owner == p), step,
-                                 capacity=layout.capacity, policy=cfg.policy, threshold=cfg.threshold)
-            return new._asdict(), out["fresh"], out["probes"]
-
-        new, fresh, probes = jax.vmap(one)(st, parts)  # fresh [P_loc, N] local slots, -1 padded
+        outs = []
+        for i in range(n_part):  # a loop, not vmap: the eviction sort stays conditional
+            new_p, out = ht.update(_state({f: v[i] for f, v in st.items()}), hi_g, lo_g, valid & (owner == parts[i]),
+                                   step, capacity=layout.capacity, policy=cfg.policy, threshold=cfg.threshold)
+            outs.append((new_p._asdict(), out["fresh"], out["probes"]))
+        new = {f: jnp.stack([o[0][f] for o in outs]) for f in FIELDS}
+        fresh = jnp.stack([o[1] for o in outs])  # [P_loc, N] local slots, -1 padded
+        probes = jnp.stack([o[2] for o in outs])
         n = hi_g.shape[0]
         rows = jnp.where(fresh >= 0, jnp.arange(n_part)[:, None] * layout.slots + fresh, -1).reshape(-1)
         if rows.shape[0] > n:  # at most N fresh rows in all (one owner per id): keep those

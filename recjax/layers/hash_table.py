@@ -169,11 +169,16 @@ def update(st: HashState, hi: jax.Array, lo: jax.Array, valid: jax.Array, step: 
     candidate = (st.state == OCCUPIED) & ~touched
     big = jnp.iinfo(jnp.int32).max
     primary, secondary = (count, last) if policy == "lfu" else (last, count)
-    *_, order = jax.lax.sort(
-        (jnp.where(candidate, 0, 1), jnp.where(candidate, primary, big), jnp.where(candidate, secondary, big),
-         st.key_hi, st.key_lo, jnp.arange(slots, dtype=jnp.int32)), num_keys=5)
-    n_evict = jnp.minimum(need, jnp.sum(candidate, dtype=jnp.int32))
-    evict = jnp.zeros((slots,), bool).at[order].set(jnp.arange(slots) < n_evict, unique_indices=True)
+
+    def choose(_) -> tuple[jax.Array, jax.Array]:  # the [K] sort runs only on steps that evict
+        *_, order = jax.lax.sort(
+            (jnp.where(candidate, 0, 1), jnp.where(candidate, primary, big), jnp.where(candidate, secondary, big),
+             st.key_hi, st.key_lo, jnp.arange(slots, dtype=jnp.int32)), num_keys=5)
+        n = jnp.minimum(need, jnp.sum(candidate, dtype=jnp.int32))
+        return jnp.zeros((slots,), bool).at[order].set(jnp.arange(slots) < n, unique_indices=True), n
+
+    evict, n_evict = jax.lax.cond(need > 0, choose, lambda _: (jnp.zeros((slots,), bool), jnp.zeros((), jnp.int32)),
+                                  None)
     state = jnp.where(evict, TOMBSTONE, st.state)
     size = st.size - n_evict
 

@@ -120,6 +120,55 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
             lay = dynamic[path]
             out[-1]["dynamic"] = {"capacity": lay.partitions * lay.capacity, "partitions": lay.partitions,
                                   "slots_per_partition": lay.slots}
+    expected = expected_table_traffic(setup)
+    for t in out:
+        if t["name"].split(".")[-1] in expected:
+            t["expected_bytes_per_step"] = expected[t["name"].split(".")[-1]]
+    return out
+
+
+def expected_table_traffic(setup: TrainSetup) -> dict[str, dict[str, float]]:
+    """Bytes each device is expected to send per train step for each sparse-updated lookup
+    table (by name), from the traced lookups, with :mod:`recjax.train.collectives`' ring volumes.
+
+    ``N`` ids of the global batch per step (all lookups), ``Bs`` batch shards, ``S`` row shards,
+    ``d`` dim, ``C`` all-to-all slots per destination; 4-byte ids and fp32 rows:
+
+    - ``lookup``: GSPMD into a row-sharded table: all-gather of the ids ``4 N (Bs-1)/Bs`` and
+      all-reduce of the partial rows ``2 * 4 N d (S-1)/S``; all-to-all: ids and rows
+      ``(S-1) C (4 + 4d)``; replicated: 0.
+    - ``gradient`` (sparse update): all-gather of (id, row sum) over the batch ``N (4 + 4d)
+      (Bs-1)/Bs``; all-to-all: ``(S-1) C (4 + 4d)``.
+    - ``hash`` (dynamic tables): ids all-gathered as (hi, lo) in the update and the lookup
+      ``2 * 8 N (Bs-1)/Bs``, rows combined by a max ``2 * 4 N (S-1)/S``.
+
+    Tables updated densely are not estimated (the dense path is the test oracle).
+    """
+    from recjax.train.step import discover_lookups
+
+    if not setup.sparse_tables:
+        return {}
+    with shd.use_rules(setup.mesh, setup.cfg.mesh.rules):
+        tape = discover_lookups(setup, setup.abstract_state["params"], setup.abstract_batch(), jax.random.key(0))
+    bs = setup.batch_shards
+    dynamic = {t.rows.name for t in setup.dynamic_tables}
+    out = {}
+    for t in setup.sparse_tables:
+        calls = tape.ids.get(t.name, [])
+        n = sum(int(c.shape[0]) for c in calls)
+        s, d = t.shards, t.dim
+        caps = tape.exchange_caps.get(t.name, [])
+        gather = (bs - 1) / bs
+        if caps and caps[0]:
+            lookup = grad = (s - 1) * caps[0] * (4 + 4 * d)
+        else:
+            lookup = 4 * n * gather + 2 * 4 * n * d * (s - 1) / s if s > 1 else 0.0
+            grad = n * (4 + 4 * d) * gather
+        row = {"ids": n, "lookup": float(lookup), "gradient": float(grad)}
+        if t.name in dynamic:
+            row["hash"] = 2 * 8 * n * gather + 2 * 4 * n * (s - 1) / s
+        row["total"] = row["lookup"] + row["gradient"] + row.get("hash", 0.0)
+        out[t.name] = row
     return out
 
 
@@ -131,6 +180,8 @@ def format_placement(tables: list[dict[str, Any]]) -> list[str]:
         + f", {flops_lib.format_bytes(t['bytes_per_device'])} per device"
         + (f"; dynamic: {t['dynamic']['capacity']:,} ids in {t['dynamic']['partitions']} partition(s) of "
            f"{t['dynamic']['slots_per_partition']:,} slots" if "dynamic" in t else "")
+        + (f"; sends ~{flops_lib.format_bytes(t['expected_bytes_per_step']['total'])} per step"
+           if "expected_bytes_per_step" in t else "")
         for t in tables
     ]
 

@@ -49,6 +49,22 @@ def make_train_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, 
     )
 
 
+def discover_lookups(setup: TrainSetup, params: Any, batch: Any, rng: jax.Array) -> LookupTape:
+    """A tape of one step's :class:`LookupTable` lookups, traced but not computed (call it under
+    ``use_rules``): per table, each call's ids as ``ShapeDtypeStruct`` and its all-to-all slots
+    per destination."""
+    tapes = []
+
+    def ids_only(params, batch, rng):
+        with recording(LookupTape()) as tape:
+            setup.task.loss(nnx.merge(setup.graphdef, params), batch, rng)
+        tapes.append(tape)
+        return tape.ids
+
+    shapes = jax.eval_shape(ids_only, params, batch, rng)
+    return LookupTape(ids=shapes, exchange_caps=tapes[0].exchange_caps)
+
+
 def _ok(total: jax.Array, grad_norm: jax.Array, state: State) -> jax.Array:
     return jnp.isfinite(total) & jnp.isfinite(grad_norm) & (state["nonfinite_step"] < 0)
 
@@ -104,20 +120,6 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             total, metrics = task.loss(nnx.merge(setup.graphdef, sparse.join_tables(dense, tables_)), batch, rng)
         return total, (metrics, tape.ids)
 
-    def discover(params: Any, batch: Batch, rng: jax.Array) -> LookupTape:
-        """A tape of the lookups (traced once, nothing computed): per table, each call's ids as
-        ``ShapeDtypeStruct`` and its all-to-all slots per destination."""
-        tapes = []
-
-        def ids_only(params, batch, rng):
-            with recording(LookupTape()) as tape:
-                task.loss(nnx.merge(setup.graphdef, params), batch, rng)
-            tapes.append(tape)
-            return tape.ids
-
-        shapes = jax.eval_shape(ids_only, params, batch, rng)
-        return LookupTape(ids=shapes, exchange_caps=tapes[0].exchange_caps)
-
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         opt = state["opt_state"]
@@ -127,7 +129,7 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
             opt = {**opt, "rows": rows}
             # hash state rides with the tables: looked up, never differentiated
             dense, table_vals = sparse.split_tables(params, paths + setup.hash_paths)
-            found = discover(params, batch, rng)
+            found = discover_lookups(setup, params, batch, rng)
             deltas = {t.name: [jax.lax.with_sharding_constraint(jnp.zeros((s.shape[0], t.dim), jnp.float32), row_sharding)
                                for s in found.ids.get(t.name, [])] for t in tables}
             (total, (metrics, ids)), (g_dense, g_rows) = jax.value_and_grad(
