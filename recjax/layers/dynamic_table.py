@@ -41,6 +41,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from recjax.config import DynamicTableConfig
 from recjax.layers import hash_table as ht
+from recjax.parallel import sharding as shd
 
 MISSING_HI = 0xFFFFFFFF  # raw ids are < 2^63: a hi half with the top bit set marks "missing"
 FIELDS = ht.HashState._fields
@@ -115,8 +116,6 @@ def _first_partition(local: int, row_axes: tuple[str, ...]) -> jax.Array:
 
 def _axes(mesh: Mesh, rules: Any, partitions: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(mesh axes the partitions are split over, mesh axes the batch is split over)."""
-    from recjax.parallel import sharding as shd
-
     rows = shd.spec_axes(tuple(shd.fit_spec(shd.logical_to_spec(("table_rows",), rules, mesh), (partitions,), mesh))[0])
     batch = shd.spec_axes(shd.logical_to_spec(("batch",), rules, mesh)[0])
     return rows, batch
@@ -132,10 +131,8 @@ def _run(fn, mesh: Mesh | None, in_specs, out_specs, *args):
 def find_rows(state: dict[str, jax.Array], hi: jax.Array, lo: jax.Array, *, layout: Layout, threshold: int,
               row_sharded: bool) -> jax.Array:
     """Rows ``[N]`` int32 of raw ids ``(hi, lo) [N]`` (``-1``: missing, not resident or not yet
-    admitted); under the active mesh (``use_rules``) the ids
-    are split over the batch axes and the partitions over the row axes."""
-    from recjax.parallel import sharding as shd
-
+    admitted); under the active mesh (``use_rules``) the ids are split over the batch axes and,
+    for a row-sharded table, the partitions over the row axes."""
     ctx = shd.active()
     mesh, row_axes, batch_axes = None, (), ()
     if ctx is not None:
