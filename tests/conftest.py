@@ -77,6 +77,48 @@ def snapshot(run: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
+# `python -c KILL_DRIVER recjax-args...`: `recjax` whose train stream SIGKILLs process
+# $KILL_PROCESS (default 0) when it fetches batch $KILL_AT_BATCH, once: the time of death goes to
+# the file $KILL_MARKER, and a relaunch that finds it trains on.
+KILL_DRIVER = """
+import os, pathlib, signal, sys, time
+from recjax import cli
+from recjax.data import pipeline
+
+marker, at = pathlib.Path(os.environ["KILL_MARKER"]), int(os.environ["KILL_AT_BATCH"])
+victim = int(os.environ.get("KILL_PROCESS", "0"))
+make_iterator = pipeline.make_iterator
+
+
+class DiesOnce:
+    # process `victim` SIGKILLs itself when asked for batch `at`, unless it did so before
+    def __init__(self, it):
+        self.it, self.served = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.served += 1
+        if self.served == at and not marker.exists():
+            marker.write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return next(self.it)
+
+    def __getattr__(self, name):
+        return getattr(self.it, name)
+
+
+def dying_make_iterator(cfg, split, *, process_index=0, process_count=1):
+    it = make_iterator(cfg, split, process_index=process_index, process_count=process_count)
+    return DiesOnce(it) if split == "train" and process_index == victim else it
+
+
+pipeline.make_iterator = dying_make_iterator
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
     """Train loss per step from ``run_dir/metrics.jsonl`` (a step logged twice keeps the last)."""
     out = {}

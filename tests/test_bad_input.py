@@ -122,14 +122,19 @@ def test_row_sharded_table_that_does_not_divide_is_refused(earlier_run):
 
 def test_padded_rows_train_and_the_placement_is_printed(tmp_path):
     """With embedding.pad_rows_to=8 the same config trains on 8 devices; the start of the run
-    prints each row-sharded table: rows, shard axis and count, bytes per device."""
+    prints each row-sharded table: rows, shard axis and count, bytes per device, expected bytes
+    sent per step."""
     run = tmp_path / "run"
     proc = run_cli(["train", "--devices", "8",
                     *args(DLRM, f"run_dir={run}", "embedding.pad_rows_to=8", "train.steps=2")])
     placement = "\n".join([
-        "  embedding.tables.C1: 504 rows x 16 over data (8 shards of 63 rows), 3.94 KiB per device",
-        "  embedding.tables.C2: 504 rows x 16 over data (8 shards of 63 rows), 3.94 KiB per device",
-        "  embedding.tables.user: 104 rows x 16 over data (8 shards of 13 rows), 832 B per device",
+        # 64 ids: all-gather 4*64*7/8 + all-reduce 2*4*64*16*7/8 (lookup) + 64*(4+4*16)*7/8 (rows)
+        "  embedding.tables.C1: 504 rows x 16 over data (8 shards of 63 rows), 3.94 KiB per device; "
+        "sends ~10.94 KiB per step",
+        "  embedding.tables.C2: 504 rows x 16 over data (8 shards of 63 rows), 3.94 KiB per device; "
+        "sends ~10.94 KiB per step",
+        "  embedding.tables.user: 104 rows x 16 over data (8 shards of 13 rows), 832 B per device; "
+        "sends ~10.94 KiB per step",
     ])
     assert f":\n{placement}\n" in proc.stdout  # under its heading, before training starts
     assert proc.stdout.index(placement) < proc.stdout.index("step 1/2")

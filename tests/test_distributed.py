@@ -24,7 +24,7 @@ from recjax.data.criteo import write_criteo_tsv
 from recjax.errors import CheckpointMismatchError, DistributedError
 from recjax.parallel.distributed import resolve
 from recjax.parallel.launch import free_port
-from tests.conftest import REPO, checkpoint_steps, read_losses, run_cli, tiny
+from tests.conftest import KILL_DRIVER, REPO, checkpoint_steps, read_losses, run_cli, tiny
 
 # The model every multi-process run trains: the flagship, at its CI size.
 MODEL_CONFIG = "configs/models/tokenmixer_large_tiny.yaml"
@@ -241,44 +241,6 @@ def test_without_a_launcher_a_dead_process_ends_the_job_within_the_heartbeat_tim
     assert waited < 60, err  # JAX's default heartbeat timeout is 100 s
 
 
-KILL_DRIVER = """
-import os, pathlib, signal, sys, time
-from recjax import cli
-from recjax.data import pipeline
-
-marker, at = pathlib.Path(os.environ["KILL_MARKER"]), int(os.environ["KILL_AT_BATCH"])
-make_iterator = pipeline.make_iterator
-
-
-class DiesOnce:
-    # process 1 SIGKILLs itself when asked for batch `at`, unless it did so before
-    def __init__(self, it):
-        self.it, self.served = it, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.served += 1
-        if self.served == at and not marker.exists():
-            marker.write_text(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        return next(self.it)
-
-    def __getattr__(self, name):
-        return getattr(self.it, name)
-
-
-def dying_make_iterator(cfg, split, *, process_index=0, process_count=1):
-    it = make_iterator(cfg, split, process_index=process_index, process_count=process_count)
-    return DiesOnce(it) if split == "train" and process_index == 1 else it
-
-
-pipeline.make_iterator = dying_make_iterator
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_multiprocess_training_kill_resume_and_process_count_changes(tmp_path: pathlib.Path):
     """One test (the runs feed each other; one test keeps them together under pytest-xdist)."""
@@ -299,7 +261,7 @@ def _train_kill_and_relaunch(root: pathlib.Path) -> dict:
 
     driver = root / "driver.py"
     driver.write_text(KILL_DRIVER)
-    env = {"KILL_MARKER": str(root / "killed_at"), "KILL_AT_BATCH": str(KILL_AT)}
+    env = {"KILL_MARKER": str(root / "killed_at"), "KILL_AT_BATCH": str(KILL_AT), "KILL_PROCESS": "1"}
     command = [sys.executable, str(driver), "train", *TRAIN_ARGS, f"run_dir={root / 'two'}"]
     t0 = time.time()
     out["killed"], ended = launch_local(2, 4, command, env)

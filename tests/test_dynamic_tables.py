@@ -21,7 +21,7 @@ from recjax.data.synthetic import SyntheticCTR
 from recjax.errors import ConfigError
 from recjax.layers import dynamic_table as dyn
 from recjax.layers import hash_table as ht
-from tests.conftest import REPO, read_losses, run_cli, tiny, with_overrides
+from tests.conftest import KILL_DRIVER, REPO, read_losses, run_cli, tiny, with_overrides
 
 RAW = ["data.synthetic.raw_ids=true", "embedding.dynamic.capacity=300", "embedding.dynamic.partitions=2",
        "embedding.dynamic.threshold=2"]
@@ -130,37 +130,6 @@ ARGS = ["--config", "configs/experiments/dlrm_synthetic.yaml",
         *tiny(*RAW, f"train.steps={STEPS}", f"train.checkpoint_every={SAVE_EVERY}", "train.eval_every=0",
               "train.keep_checkpoints=5", "train.async_checkpoint=false")]
 
-KILL_DRIVER = """
-import os, signal, sys
-from recjax import cli
-from recjax.data import pipeline
-
-make_iterator, at = pipeline.make_iterator, int(os.environ["KILL_AT_BATCH"])
-
-
-class Dies:
-    def __init__(self, it):
-        self.it, self.served = it, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.served += 1
-        if self.served == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return next(self.it)
-
-    def __getattr__(self, name):
-        return getattr(self.it, name)
-
-
-pipeline.make_iterator = lambda cfg, split, **kw: Dies(make_iterator(cfg, split, **kw)) if split == "train" \\
-    else make_iterator(cfg, split, **kw)
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def _final_state(run_dir: pathlib.Path) -> dict[str, np.ndarray]:
     code = f"""
 import pathlib
@@ -190,7 +159,7 @@ def test_kill_and_resume_leaves_dynamic_tables_bit_identical(tmp_path: pathlib.P
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     out = run_cli(["train", *ARGS, f"run_dir={straight}"]).stdout
     assert "dynamic: 300 ids in 2 partition(s)" in out, out[-3000:]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KILL_AT_BATCH": str(KILL_AT)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KILL_AT_BATCH": str(KILL_AT), "KILL_MARKER": str(tmp_path / "killed")}
     killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, "train", *ARGS, f"run_dir={resumed}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
