@@ -55,6 +55,7 @@ class MeshConfig:
         default_factory=lambda: {
             "batch": ["data", "fsdp"],
             "table_rows": ["data", "fsdp"],
+            "table_cols": ["data", "fsdp"],
             "embed": ["fsdp"],
             "mlp": ["tensor"],
             "heads": ["tensor"],
@@ -157,7 +158,7 @@ class TableConfig:
     vocab_size: int = 0
     dim: int = 0  # 0 -> embedding.dim
     features: list[str] = field(default_factory=list)
-    placement: Literal["default", "auto", "replicated", "row_sharded"] = "default"
+    placement: Literal["default", "auto", "replicated", "row_sharded", "column_sharded"] = "default"
 
 
 @dataclass
@@ -177,9 +178,13 @@ class DynamicTableConfig:
 class EmbeddingConfig:
     dim: int = 16
     combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
-    # auto: replicated up to replicate_max_bytes (fp32 rows), row_sharded above
-    placement: Literal["auto", "replicated", "row_sharded"] = "row_sharded"
+    # auto: replicated up to replicate_max_bytes (fp32 rows), else row_sharded (column_sharded
+    # where the rows do not divide over the shards and the dim does), within memory_budget_bytes
+    placement: Literal["auto", "replicated", "row_sharded", "column_sharded"] = "row_sharded"
     replicate_max_bytes: int = 16 * 2**20
+    # table bytes per device the plan may use (0: no limit); over it, auto-placed replicated
+    # tables are sharded, largest first, and a plan that still does not fit is refused
+    memory_budget_bytes: int = 0
     oov: Literal["hash", "drop"] = "hash"  # out-of-vocabulary ids: modulo-hash, or zero vector
     # table rows are rounded up to a multiple of this, so a row-sharded table divides over its
     # shards (the trainer refuses one that does not); padding rows are never looked up

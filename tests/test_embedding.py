@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recjax.layers.embedding as embedding
-from recjax.config import EmbeddingConfig, TableConfig
+from recjax.config import DynamicTableConfig, EmbeddingConfig, TableConfig
 from recjax.data.spec import FeatureSpec, SparseFeature
 from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, TableSpec, gather_rows, resolve_tables
@@ -428,3 +428,42 @@ def test_auto_placement_replicates_small_tables():
     explicit = EmbeddingConfig(dim=4, placement="row_sharded", replicate_max_bytes=10**9,
                                tables=[TableConfig(name="t", features=["C1", "C2"], placement="auto")])
     assert resolve_tables(spec(100, 101), explicit)[0].placement == "replicated"
+
+
+def test_plan_shards_by_rows_or_columns_and_fits_the_budget():
+    """``auto`` on 8 row / 8 column shards: small tables replicated; a large table whose padded
+    rows divide over the shards is row-sharded, one whose rows do not (but whose dim does) is
+    column-sharded; a budget shards replicated tables, largest first, until the plan fits, and
+    a plan that cannot fit is refused with every table's bytes per device."""
+    from recjax.layers.embedding import Shards, plan_placements, table_bytes_per_device
+
+    shards = Shards(rows=8, cols=8, known=True)
+    cfg = EmbeddingConfig(placement="auto", replicate_max_bytes=64 * 16 * 4)
+    tables = [("small", 64, 16, "auto"), ("mid", 40, 16, "auto"), ("big_rows", 800, 16, "auto"),
+              ("big_odd", 801, 16, "auto"), ("pinned", 5000, 16, "replicated")]
+    plan = plan_placements(tables, cfg, shards)
+    assert plan == {"small": "replicated", "mid": "replicated", "big_rows": "row_sharded",
+                    "big_odd": "column_sharded", "pinned": "replicated"}
+    assert table_bytes_per_device("row_sharded", 800, 16, shards) == 800 * 16 * 4 // 8
+
+    def per_device(p):
+        return sum(table_bytes_per_device(p[n], r, d, shards) for n, r, d, _ in tables)
+
+    before = per_device(plan)
+    budget = before - 64 * 16 * 4 + 64 * 16 * 4 // 8  # room once the largest replicated auto table shards
+    plan2 = plan_placements(tables, EmbeddingConfig(placement="auto", replicate_max_bytes=64 * 16 * 4,
+                                                    memory_budget_bytes=budget), shards)
+    assert plan2["small"] == "row_sharded" and plan2["mid"] == "replicated" and per_device(plan2) <= budget
+    with pytest.raises(ConfigError, match=r"(?s)over embedding.memory_budget_bytes=1,000.*pinned: 5,000 x 16 replicated"):
+        plan_placements(tables, EmbeddingConfig(placement="auto", memory_budget_bytes=1000), shards)
+    # without a mesh (e.g. parameter counting) nothing is checked
+    assert plan_placements(tables, EmbeddingConfig(placement="auto", memory_budget_bytes=1000), Shards())
+
+
+def test_column_sharded_partition_spec_and_dynamic_refusal():
+    m = EmbeddingCollection(spec(10, 20), EmbeddingConfig(dim=4, placement="column_sharded"), rngs=nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(m))
+    assert tuple(nnx.to_pure_dict(specs)["tables"]["C1"]) == (None, "table_cols")
+    with pytest.raises(ConfigError, match="dynamic tables are row_sharded or replicated"):
+        resolve_tables(FeatureSpec(sparse=(SparseFeature("C1", 10),), num_dense=0, raw_ids=True),
+                       EmbeddingConfig(placement="column_sharded", dynamic=DynamicTableConfig(capacity=10)))

@@ -125,18 +125,18 @@ def test_collective_traffic_counts_hlo_collectives():
 def test_compiled_step_exchanges_by_all_to_all(tmp_path):
     """`recjax compile` on 8 devices: the all-to-all lookup's step has all-to-alls and no
     all-gather of ids; the GSPMD lookup's step all-gathers them. The plan's expected bytes per
-    table match the compiled HLO: the all-to-alls exactly, and the GSPMD step's collectives
-    less the dense gradients' all-reduce within 1%."""
+    table match the compiled HLO: the all-to-alls exactly, and the collectives of the GSPMD
+    step and of the column-sharded step less the dense gradients' all-reduce within 1%."""
     import json
 
     from tests.conftest import run_cli
 
     kinds, expected, dense_allreduce = {}, {}, 0.0
-    for exchange in ("gspmd", "all_to_all"):
+    for exchange in ("gspmd", "all_to_all", "columns"):
         out = tmp_path / f"{exchange}.json"
+        how = "embedding.placement=column_sharded" if exchange == "columns" else f"embedding.exchange={exchange}"
         run_cli(["compile", "--devices", "8", "--config", "configs/experiments/dlrm_synthetic.yaml", "mesh.data=8",
-                 "data.global_batch=256", "data.synthetic.vocab_sizes=[1024]", f"embedding.exchange={exchange}",
-                 "--json", str(out)])
+                 "data.global_batch=256", "data.synthetic.vocab_sizes=[1024]", how, "--json", str(out)])
         report = json.loads(out.read_text())
         kinds[exchange] = report["collectives_per_device"]["by_kind"]
         expected[exchange] = sum(t["expected_bytes_per_step"]["total"] for t in report["tables"])
@@ -144,6 +144,7 @@ def test_compiled_step_exchanges_by_all_to_all(tmp_path):
     assert "all-to-all" in kinds["all_to_all"] and "all-gather" not in kinds["all_to_all"], kinds
     assert "all-gather" in kinds["gspmd"] and "all-to-all" not in kinds["gspmd"], kinds
     assert kinds["all_to_all"]["all-to-all"]["bytes_sent"] == expected["all_to_all"]
-    gspmd_tables = sum(k["bytes_sent"] for k in kinds["gspmd"].values()) - dense_allreduce
-    print(f"GSPMD step: table collectives {gspmd_tables:.0f} B measured, {expected['gspmd']:.0f} B expected")
-    assert abs(gspmd_tables / expected["gspmd"] - 1) < 0.01
+    for how in ("gspmd", "columns"):
+        tables = sum(k["bytes_sent"] for k in kinds[how].values()) - dense_allreduce
+        print(f"{how} step: table collectives {tables:.0f} B measured, {expected[how]:.0f} B expected")
+        assert abs(tables / expected[how] - 1) < 0.01

@@ -9,8 +9,11 @@ tables are used and several features may share one table.
 an :class:`EmbeddingTable` (``nnx.Param`` subtype): the optimizer routes every variable of
 that type (in any model, e.g. the sequential recommenders' item table) to the embedding
 optimizer, and a :class:`LookupTable` -- read only through lookups -- may be updated
-row-wise (``optim.embedding.update=sparse``, :class:`LookupTape`). Row-sharded
-tables are annotated ``("table_rows", "embed")``, replicated ones ``(None, "embed")``.
+row-wise (``optim.embedding.update=sparse``, :class:`LookupTape`). Placements, planned per
+table for the active mesh by :func:`plan_placements` (``embedding.placement``, per-table
+overrides, ``auto`` within ``embedding.memory_budget_bytes``): row-sharded tables are annotated
+``("table_rows", "embed")``, column-sharded ones ``(None, "table_cols")`` (every device holds
+every row's slice of ``d / shards`` columns), replicated ones ``(None, "embed")``.
 ``R = padded_rows(V, embedding.pad_rows_to)`` rows: the vocabulary rounded up so a table
 divides over its shards (the trainer refuses a row-sharded table that does not); the padding
 rows are never looked up.
@@ -53,7 +56,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import jax
@@ -69,7 +72,7 @@ from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
 from recjax.parallel.table_exchange import capacity, exchange_axes, exchange_lookup
 
-Placement = Literal["replicated", "row_sharded"]
+Placement = Literal["replicated", "row_sharded", "column_sharded"]
 Gather = Callable[[jax.Array, jax.Array], jax.Array]  # (table [R, d], ids [N]) -> rows [N, d]
 
 
@@ -239,7 +242,8 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One resolved embedding table ``[vocab_size, dim]`` shared by ``features``."""
+    """One resolved embedding table ``[vocab_size, dim]`` shared by ``features``, with its
+    placement (planned by :func:`resolve_tables`)."""
 
     name: str
     vocab_size: int
@@ -248,26 +252,107 @@ class TableSpec:
     placement: Placement
 
     @property
-    def logical_axes(self) -> tuple[str | None, str]:
-        return ("table_rows", "embed") if self.placement == "row_sharded" else (None, "embed")
+    def logical_axes(self) -> tuple[str | None, str | None]:
+        if self.placement == "row_sharded":
+            return ("table_rows", "embed")
+        return (None, "table_cols") if self.placement == "column_sharded" else (None, "embed")
 
 
-def _placement(placement: str, vocab: int, dim: int, cfg: EmbeddingConfig) -> Placement:
-    if placement != "auto":
-        return placement  # type: ignore[return-value]
-    return "replicated" if vocab * dim * 4 <= cfg.replicate_max_bytes else "row_sharded"
+@dataclass(frozen=True)
+class Shards:
+    """How many ways the active mesh splits a table's rows (``table_rows``) and columns
+    (``table_cols``); ``known``: a mesh is active (else both are 1 and no budget is checked)."""
+
+    rows: int = 1
+    cols: int = 1
+    known: bool = False
+
+    @classmethod
+    def active(cls) -> Shards:
+        ctx = shd.active()
+        if ctx is None:
+            return cls()
+        mesh, rules = ctx
+
+        def count(name: str) -> int:
+            return math.prod(mesh.shape[a] for a in shd.spec_axes(shd.logical_to_spec((name,), rules, mesh)[0]))
+
+        return cls(count("table_rows"), count("table_cols"), True)
 
 
-def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpec]:
-    """Tables for ``features`` under ``cfg``; raises ``ConfigError`` on an inconsistent layout.
+def table_bytes_per_device(placement: Placement, rows: int, dim: int, shards: Shards) -> int:
+    """fp32 bytes of one table ``[rows, dim]`` on each device under ``placement``."""
+    per = {"replicated": 1, "row_sharded": shards.rows, "column_sharded": shards.cols}[placement]
+    return rows * dim * 4 // per
+
+
+def plan_placements(tables: list[tuple[str, int, int, str]], cfg: EmbeddingConfig, shards: Shards,
+                    dynamic: bool = False) -> dict[str, Placement]:
+    """Placement of each ``(name, rows, dim, requested)`` table (``rows`` already padded).
+
+    Requested placements other than ``auto`` are kept. ``auto``: ``replicated`` up to
+    ``cfg.replicate_max_bytes`` (no lookup traffic; every device updates its copy), else sharded:
+    ``column_sharded`` where the rows do not divide over the row shards but the dim divides over
+    the column shards (no padding; not for dynamic tables, whose rows belong to hash
+    partitions), else ``row_sharded``. With ``cfg.memory_budget_bytes`` and an active mesh,
+    auto-placed replicated tables are sharded, largest first, until the tables' bytes per device
+    fit; a plan that still does not fit raises ``ConfigError`` listing it.
+    """
+    def sharded(rows: int, dim: int) -> Placement:
+        if not dynamic and rows % shards.rows and shards.cols > 1 and dim % shards.cols == 0:
+            return "column_sharded"
+        return "row_sharded"
+
+    out: dict[str, Placement] = {}
+    for name, rows, dim, want in tables:
+        if want != "auto":
+            out[name] = want  # type: ignore[assignment]
+        else:
+            out[name] = "replicated" if rows * dim * 4 <= cfg.replicate_max_bytes else sharded(rows, dim)
+    if cfg.memory_budget_bytes <= 0 or not shards.known:
+        return out
+    size = {name: (rows, dim) for name, rows, dim, _ in tables}
+
+    def total() -> int:
+        return sum(table_bytes_per_device(out[n], *size[n], shards) for n in out)
+
+    movable = sorted((n for n, _, _, want in tables if want == "auto" and out[n] == "replicated"),
+                     key=lambda n: -size[n][0] * size[n][1])
+    for name in movable:
+        if total() <= cfg.memory_budget_bytes:
+            break
+        out[name] = sharded(*size[name])
+    if total() > cfg.memory_budget_bytes:
+        lines = [f"  {n}: {size[n][0]:,} x {size[n][1]} {out[n]}, "
+                 f"{table_bytes_per_device(out[n], *size[n], shards):,} B per device" for n in out]
+        raise ConfigError(f"embedding tables need {total():,} B per device, over embedding.memory_budget_bytes="
+                          f"{cfg.memory_budget_bytes:,} ({shards.rows} row / {shards.cols} column shards):\n"
+                          + "\n".join(lines) + "\nshard more tables, use more devices or raise the budget")
+    return out
+
+
+def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig, shards: Shards | None = None) -> list[TableSpec]:
+    """Tables for ``features`` under ``cfg``, placed by :func:`plan_placements` for ``shards``
+    (default: the active mesh's); raises ``ConfigError`` on an inconsistent layout.
 
     Explicit tables: ``dim: 0`` -> ``cfg.dim``; ``placement: default`` -> ``cfg.placement``;
-    ``placement: auto`` -> ``replicated`` for a table of at most ``cfg.replicate_max_bytes``
-    (fp32 rows: no lookup traffic, every device updates its copy), else ``row_sharded``;
     ``vocab_size: 0`` -> the largest vocabulary of its features. A vocabulary smaller than a
     feature's is allowed (its larger ids follow the ``oov`` rule). Every feature must be in
     exactly one table, and every named feature must exist.
     """
+    shards = Shards.active() if shards is None else shards
+    specs = _resolve_layout(features, cfg)
+    dynamic = cfg.dynamic.capacity > 0
+    rows = {t.name: t.vocab_size if dynamic else padded_rows(t.vocab_size, cfg.pad_rows_to) for t in specs}
+    if dynamic and any(t.placement == "column_sharded" for t in specs):
+        raise ConfigError("embedding.placement=column_sharded: dynamic tables are row_sharded or replicated "
+                          "(their rows belong to hash partitions)")
+    plan = plan_placements([(t.name, rows[t.name], t.dim, t.placement) for t in specs], cfg, shards, dynamic)
+    return [replace(t, placement=plan[t.name]) for t in specs]
+
+
+def _resolve_layout(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpec]:
+    """The tables of ``features`` with their requested placements (``auto`` not yet planned)."""
     if cfg.dim <= 0:
         raise ConfigError(f"embedding.dim must be positive, got {cfg.dim}")
     vocab = {f.name: f.vocab_size for f in features.sparse}
@@ -282,7 +367,7 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
         vocab = dict.fromkeys(vocab, rows)
     if not cfg.tables:
         return [
-            TableSpec(f.name, vocab[f.name], cfg.dim, (f.name,), _placement(cfg.placement, vocab[f.name], cfg.dim, cfg))
+            TableSpec(f.name, vocab[f.name], cfg.dim, (f.name,), cfg.placement)  # type: ignore[arg-type]
             for f in features.sparse
         ]
 
@@ -311,7 +396,7 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig) -> list[TableSpe
         v = t.vocab_size or max(vocab[f] for f in t.features)
         d = t.dim or cfg.dim
         placement = cfg.placement if t.placement == "default" else t.placement
-        out.append(TableSpec(t.name, v, d, tuple(t.features), _placement(placement, v, d, cfg)))
+        out.append(TableSpec(t.name, v, d, tuple(t.features), placement))  # type: ignore[arg-type]
     missing = [f for f in vocab if f not in owner]
     if missing:
         raise ConfigError(f"embedding.tables: features in no table: {missing}")

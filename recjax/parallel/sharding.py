@@ -104,15 +104,23 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 def tree_shardings(specs: Any, abstract: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree of logical specs (``PartitionSpec`` of logical names).
 
-    A ``table_rows`` dimension that its mesh axes do not divide is refused with a
-    :class:`ConfigError` (dropping the axes would replicate a whole embedding table on every
-    device); every other dimension drops the axes it cannot use (:func:`fit_spec`).
+    A ``table_rows`` or ``table_cols`` dimension that its mesh axes do not divide is refused
+    with a :class:`ConfigError` (dropping the axes would replicate a whole embedding table on
+    every device); every other dimension drops the axes it cannot use (:func:`fit_spec`).
     """
 
     def one(path: Any, spec: PartitionSpec, leaf: Any) -> NamedSharding:
         want = logical_to_spec(tuple(spec), rules, mesh)
         got = fit_spec(want, leaf.shape, mesh)
         for dim, (name, w, g) in enumerate(zip(tuple(spec), tuple(want), tuple(got), strict=False)):
+            if name == "table_cols" and w != g:
+                axes = (w,) if isinstance(w, str) else tuple(w)
+                shards = int(np.prod([mesh.shape[a] for a in axes]))
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise ConfigError(
+                    f"{where}: {leaf.shape[dim]:,} columns do not divide over the {shards} shards of mesh "
+                    f"axes {' x '.join(axes)} (mesh.rules.table_cols); use a dim that {shards} divides "
+                    "or another placement")
             if name == "table_rows" and w != g:
                 axes = (w,) if isinstance(w, str) else tuple(w)
                 shards = int(np.prod([mesh.shape[a] for a in axes]))

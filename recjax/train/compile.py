@@ -106,6 +106,8 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
             continue
         axes = list(shd.leading_axes(leaf.sharding))
         shards = int(np.prod([setup.mesh.shape[a] for a in axes])) if axes else 1
+        spec = tuple(leaf.sharding.spec)
+        col_axes = list(shd.spec_axes(spec[1])) if len(spec) > 1 else []
         shard_shape = leaf.sharding.shard_shape(leaf.shape)
         out.append({
             "name": ".".join(str(k) for k in path),
@@ -113,7 +115,9 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
             "dim": int(leaf.shape[1]) if leaf.ndim > 1 else 1,
             "row_axes": axes,
             "shards": shards,
+            "col_axes": col_axes,
             "rows_per_device": int(shard_shape[0]),
+            "cols_per_device": int(shard_shape[1]) if leaf.ndim > 1 else 1,
             "bytes_per_device": int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize,
         })
         if path in dynamic:
@@ -136,9 +140,11 @@ def expected_table_traffic(setup: TrainSetup) -> dict[str, dict[str, float]]:
 
     - ``lookup``: GSPMD into a row-sharded table: all-gather of the ids ``4 N (Bs-1)/Bs`` and
       all-reduce of the partial rows ``2 * 4 N d (S-1)/S``; all-to-all: ids and rows
-      ``(S-1) C (4 + 4d)``; replicated: 0.
+      ``(S-1) C (4 + 4d)``; columns split ``c`` ways (batch over the same axes): the ids'
+      all-gather and an all-to-all of the rows ``4 (N / Bs) d (c-1)/c``; replicated: 0.
     - ``gradient`` (sparse update): all-gather of (id, row sum) over the batch ``N (4 + 4d)
-      (Bs-1)/Bs``; all-to-all: ``(S-1) C (4 + 4d)``.
+      (Bs-1)/Bs``, plus ``2 * 4 N (c-1)/c`` for row-wise Adagrad's per-row mean over split
+      columns; all-to-all: ``(S-1) C (4 + 4d)``.
     - ``hash`` (dynamic tables): ids all-gathered as (hi, lo) in the update and the lookup
       ``2 * 8 N (Bs-1)/Bs``, rows combined by a max ``2 * 4 N (S-1)/S``.
 
@@ -159,11 +165,17 @@ def expected_table_traffic(setup: TrainSetup) -> dict[str, dict[str, float]]:
         s, d = t.shards, t.dim
         caps = tape.exchange_caps.get(t.name, [])
         gather = (bs - 1) / bs
+        c = int(np.prod([setup.mesh.shape[a] for a in t.col_axes])) if t.col_axes else 1
         if caps and caps[0]:
             lookup = grad = (s - 1) * caps[0] * (4 + 4 * d)
-        else:
-            lookup = 4 * n * gather + 2 * 4 * n * d * (s - 1) / s if s > 1 else 0.0
+        elif s > 1:
+            lookup = 4 * n * gather + 2 * 4 * n * d * (s - 1) / s
             grad = n * (4 + 4 * d) * gather
+        else:  # replicated rows; split columns are gathered per id and sent back by all-to-all
+            lookup = (4 * n * gather + 4 * n * d / bs * (c - 1) / c) if c > 1 else 0.0
+            grad = n * (4 + 4 * d) * gather
+            if c > 1 and setup.cfg.optim.embedding.name == "rowwise_adagrad":
+                grad += 2 * 4 * n * (c - 1) / c  # each touched row's mean square, summed over columns
         row = {"ids": n, "lookup": float(lookup), "gradient": float(grad)}
         if t.name in dynamic:
             row["hash"] = 2 * 8 * n * gather + 2 * 4 * n * (s - 1) / s
@@ -176,7 +188,9 @@ def format_placement(tables: list[dict[str, Any]]) -> list[str]:
     return [
         f"  {t['name']}: {t['rows']:,} rows x {t['dim']} "
         + (f"over {' x '.join(t['row_axes'])} ({t['shards']} shards of {t['rows_per_device']:,} rows)"
-           if t["row_axes"] else "replicated")
+           if t["row_axes"] else
+           f"columns over {' x '.join(t['col_axes'])} ({t['dim'] // t['cols_per_device']} shards of "
+           f"{t['cols_per_device']} columns)" if t.get("col_axes") and not t["row_axes"] else "replicated")
         + f", {flops_lib.format_bytes(t['bytes_per_device'])} per device"
         + (f"; dynamic: {t['dynamic']['capacity']:,} ids in {t['dynamic']['partitions']} partition(s) of "
            f"{t['dynamic']['slots_per_partition']:,} slots" if "dynamic" in t else "")

@@ -85,12 +85,15 @@ def init_slots(cfg: EmbeddingOptimConfig, rows: int, dim: int) -> dict[str, jax.
     return {k: jnp.full(s, fill[k], jnp.float32) for k, s in slot_shapes(cfg.name, rows, dim).items()}
 
 
-def row_rule(cfg: EmbeddingOptimConfig) -> Callable[[jax.Array, jax.Array, Rows, jax.Array, jax.Array], tuple[jax.Array, Rows]]:
-    """``(w [M, d], g [M, d], slots, lr, count) -> (new w, new slots)`` for ``cfg.name``."""
+def row_rule(cfg: EmbeddingOptimConfig) -> Callable[..., tuple[jax.Array, Rows]]:
+    """``(w [M, d], g [M, d], slots, lr, count, row_mean=mean over axis 1) -> (new w, new
+    slots)`` for ``cfg.name``; ``row_mean`` averages ``[M, d]`` over each full row (a
+    column-sharded table passes one that also reduces over the column shards)."""
     eps = cfg.eps
     slot_shapes(cfg.name, 1, 1)  # validates the name
 
-    def rule(w: jax.Array, g: jax.Array, s: Rows, lr: jax.Array, count: jax.Array) -> tuple[jax.Array, Rows]:
+    def rule(w: jax.Array, g: jax.Array, s: Rows, lr: jax.Array, count: jax.Array,
+             row_mean: Callable[[jax.Array], jax.Array] = lambda x: jnp.mean(x, axis=1)) -> tuple[jax.Array, Rows]:
         if cfg.name == "sgd":
             return w - lr * g, {}
         if cfg.name == "adagrad":
@@ -98,7 +101,7 @@ def row_rule(cfg: EmbeddingOptimConfig) -> Callable[[jax.Array, jax.Array, Rows,
             step = jnp.where(acc > 0, g * jax.lax.rsqrt(acc + eps), 0.0)
             return w - lr * step, {"acc": acc}
         if cfg.name == "rowwise_adagrad":
-            acc = s["acc"] + jnp.mean(jnp.square(g), axis=1)
+            acc = s["acc"] + row_mean(jnp.square(g))
             denom = (jnp.sqrt(acc) + eps)[:, None]
             step = jnp.where(denom > 0, g / jnp.where(denom > 0, denom, 1.0), 0.0)
             return w - lr * step, {"acc": acc}
@@ -166,10 +169,16 @@ def owned_row_grads(
 def apply_rows(
     table: jax.Array, slots: dict[str, jax.Array], loc: jax.Array, sums: jax.Array, *,
     rule: Callable, lr: jax.Array, count: jax.Array, clip: Callable[[jax.Array], jax.Array],
-    ok: jax.Array, mesh: Mesh, row_axes: tuple[str, ...],
+    ok: jax.Array, mesh: Mesh, row_axes: tuple[str, ...], col_axes: tuple[str, ...] = (),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Update the touched rows ``loc`` of ``table [R, d]`` and its ``slots`` (row-sharded like
-    the table) with ``rule`` on gradients ``clip(sums)``; nothing is written unless ``ok``."""
+    """Update the touched rows ``loc`` of ``table [R, d]`` and its ``slots`` (split like the
+    table: rows over ``row_axes``, ``[R, d]`` slots' columns over ``col_axes``) with ``rule`` on
+    gradients ``clip(sums)``; nothing is written unless ``ok``."""
+    dim = table.shape[1]
+
+    def row_mean(x: jax.Array) -> jax.Array:  # over the full row, also when its columns are split
+        total = jnp.sum(x, axis=1)
+        return (jax.lax.psum(total, col_axes) if col_axes else total) / dim
 
     def local(table, slots, loc, sums, lr, count, ok):
         rows = table.shape[0]
@@ -178,7 +187,7 @@ def apply_rows(
         # every valid index occurs once; V + i parks the others out of range, all distinct
         dest = jnp.where(valid, loc, rows + jnp.arange(loc.shape[0], dtype=loc.dtype))
         g = clip(sums)
-        w, new = rule(table[idx].astype(jnp.float32), g, {k: s[idx] for k, s in slots.items()}, lr, count)
+        w, new = rule(table[idx].astype(jnp.float32), g, {k: s[idx] for k, s in slots.items()}, lr, count, row_mean)
 
         def write(a: jax.Array, v: jax.Array) -> jax.Array:
             return a.at[dest].set(v.astype(a.dtype), mode="drop", unique_indices=True)
@@ -186,12 +195,12 @@ def apply_rows(
         return write(table, w), {k: write(slots[k], v) for k, v in new.items()}
 
     P = PartitionSpec
-    lead = _lead(row_axes)
-    slot_specs = {k: P(lead, *([None] * (s.ndim - 1))) for k, s in slots.items()}
+    lead, cols = _lead(row_axes), _lead(col_axes)
+    slot_specs = {k: P(lead, cols) if s.ndim == 2 else P(lead) for k, s in slots.items()}
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P(lead, None), slot_specs, P(lead), P(lead, None), P(), P(), P()),
-        out_specs=(P(lead, None), slot_specs),
+        in_specs=(P(lead, cols), slot_specs, P(lead), P(lead, cols), P(), P(), P()),
+        out_specs=(P(lead, cols), slot_specs),
         check_vma=False,
     )(table, slots, loc, sums, lr, count, ok)
 

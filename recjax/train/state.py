@@ -89,8 +89,9 @@ class SparseTable:
     path: tuple[str, ...]
     rows: int
     dim: int
-    row_axes: tuple[str, ...]  # mesh axes its rows are split over (empty: replicated)
+    row_axes: tuple[str, ...]  # mesh axes its rows are split over (empty: not row-split)
     shards: int
+    col_axes: tuple[str, ...] = ()  # mesh axes its columns are split over
 
     @property
     def name(self) -> str:
@@ -220,7 +221,8 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     task = task or get_task(cfg)
     mesh = make_mesh(cfg.mesh, devices)
     total = task.total_steps() if total_steps is None else total_steps
-    model = abstract_model(cfg, task)
+    with shd.use_rules(mesh, cfg.mesh.rules):  # embedding tables are planned for this mesh
+        model = abstract_model(cfg, task)
     graphdef, abstract_params = nnx.split(model)
     logical_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     abstract_params = nnx.to_pure_dict(abstract_params)
@@ -237,7 +239,8 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
         tx = optim.make_optimizer(cfg.optim, total, groups)
 
     setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables, dynamic)
-    abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
+    with shd.use_rules(mesh, cfg.mesh.rules):
+        abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     flat_params = {
         optim.path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
@@ -266,7 +269,9 @@ def _sparse_table(path: tuple[str, ...], params: Any, shardings: Any, mesh: Mesh
     leaf, sharding = sparse.get_path(params, path), sparse.get_path(shardings, path)
     axes = shd.leading_axes(sharding)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    return SparseTable(path, int(leaf.shape[0]), int(leaf.shape[1]), axes, shards)
+    spec = tuple(sharding.spec)
+    cols = shd.spec_axes(spec[1]) if len(spec) > 1 else ()
+    return SparseTable(path, int(leaf.shape[0]), int(leaf.shape[1]), axes, shards, cols)
 
 
 def check_partitions(cfg: Config, model: nnx.Module, mesh: Mesh) -> None:

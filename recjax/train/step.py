@@ -167,7 +167,7 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
                     loc, sums, _ = owned[t.name]
                     table, slots = sparse.apply_rows(
                         table, slots, loc, sums, rule=rule, lr=emb_lr(count), count=count,
-                        clip=clipped, ok=ok, mesh=setup.mesh, row_axes=t.row_axes)
+                        clip=clipped, ok=ok, mesh=setup.mesh, row_axes=t.row_axes, col_axes=t.col_axes)
                 sparse.set_path(new_tables, t.path, table)
                 for k, v in slots.items():
                     sparse.set_path(new_rows.setdefault(k, {}), t.path, v)
