@@ -158,7 +158,7 @@ class TableConfig:
     vocab_size: int = 0
     dim: int = 0  # 0 -> embedding.dim
     features: list[str] = field(default_factory=list)
-    placement: Literal["default", "auto", "replicated", "row_sharded", "column_sharded"] = "default"
+    placement: Literal["default", "auto", "replicated", "row_sharded", "column_sharded", "table_wise"] = "default"
 
 
 @dataclass
@@ -180,8 +180,11 @@ class EmbeddingConfig:
     combiner: Literal["sum", "mean"] = "sum"  # over the ids of one multi-hot feature
     # auto: replicated up to replicate_max_bytes (fp32 rows), else row_sharded (column_sharded
     # where the rows do not divide over the shards and the dim does), within memory_budget_bytes
-    placement: Literal["auto", "replicated", "row_sharded", "column_sharded"] = "row_sharded"
+    placement: Literal["auto", "replicated", "row_sharded", "column_sharded", "table_wise"] = "row_sharded"
     replicate_max_bytes: int = 16 * 2**20
+    # auto: tables above replicate_max_bytes and up to this go whole to one device, stacked per
+    # dim (0: auto never places table-wise)
+    table_wise_max_bytes: int = 0
     # table bytes per device the plan may use (0: no limit); over it, auto-placed replicated
     # tables are sharded, largest first, and a plan that still does not fit is refused
     memory_budget_bytes: int = 0

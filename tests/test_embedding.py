@@ -467,3 +467,30 @@ def test_column_sharded_partition_spec_and_dynamic_refusal():
     with pytest.raises(ConfigError, match="dynamic tables are row_sharded or replicated"):
         resolve_tables(FeatureSpec(sparse=(SparseFeature("C1", 10),), num_dense=0, raw_ids=True),
                        EmbeddingConfig(placement="column_sharded", dynamic=DynamicTableConfig(capacity=10)))
+
+
+def test_table_wise_stack_reads_like_separate_tables():
+    """Table-wise tables packed on 2 shards: each table lies whole in one shard, shards are
+    balanced (largest first to the emptiest), and the stacked lookup equals separate tables with
+    the same initial rows (each table is drawn alone)."""
+    from recjax.layers.embedding import pack_table_wise
+
+    (st4, st8) = pack_table_wise([("a", 10, 4), ("b", 7, 4), ("c", 5, 4), ("d", 3, 8)], 2)
+    assert (st4.param, st4.rows_per_shard, st4.rows) == ("table_wise_4", 12, 24)
+    assert dict(st4.shard_of) == {"a": 0, "b": 1, "c": 1} and dict(st4.offset) == {"a": 0, "b": 12, "c": 19}
+    assert dict(st8.offset) == {"d": 0} and st8.rows == 6
+    for name, rows in (("a", 10), ("b", 7), ("c", 5)):
+        first = dict(st4.offset)[name]
+        assert first // st4.rows_per_shard == (first + rows - 1) // st4.rows_per_shard == dict(st4.shard_of)[name]
+
+    feats = spec(13, 20, 7)
+    separate = EmbeddingCollection(feats, EmbeddingConfig(dim=4, placement="replicated"), rngs=nnx.Rngs(0))
+    stacked = EmbeddingCollection(feats, EmbeddingConfig(dim=4, placement="table_wise"), rngs=nnx.Rngs(0))
+    assert list(stacked.tables) == ["table_wise_4"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(-1, 25, size=(6, 3)))
+    (a, sa), (b, sb) = separate(ids), stacked(ids)
+    np.testing.assert_array_equal(a, b)
+    assert int(sa["oov_ids"]) == int(sb["oov_ids"]) > 0
+    cfg = EmbeddingConfig(placement="auto", replicate_max_bytes=0, table_wise_max_bytes=20 * 16 * 4)
+    assert {t.name: t.placement for t in resolve_tables(feats, cfg)} == {
+        "C1": "table_wise", "C2": "table_wise", "C3": "table_wise"}

@@ -126,17 +126,20 @@ def test_compiled_step_exchanges_by_all_to_all(tmp_path):
     """`recjax compile` on 8 devices: the all-to-all lookup's step has all-to-alls and no
     all-gather of ids; the GSPMD lookup's step all-gathers them. The plan's expected bytes per
     table match the compiled HLO: the all-to-alls exactly, and the collectives of the GSPMD
-    step and of the column-sharded step less the dense gradients' all-reduce within 1%."""
+    step and of the column-sharded step less the dense gradients' all-reduce within 1%; table-wise
+    tables, stacked, need one set of all-to-alls for all of them."""
     import json
 
     from tests.conftest import run_cli
 
     kinds, expected, dense_allreduce = {}, {}, 0.0
-    for exchange in ("gspmd", "all_to_all", "columns"):
+    how = {"gspmd": ["embedding.exchange=gspmd"], "all_to_all": ["embedding.exchange=all_to_all"],
+           "columns": ["embedding.placement=column_sharded"],
+           "table_wise": ["embedding.placement=table_wise", "embedding.exchange=all_to_all"]}
+    for exchange, overrides in how.items():
         out = tmp_path / f"{exchange}.json"
-        how = "embedding.placement=column_sharded" if exchange == "columns" else f"embedding.exchange={exchange}"
         run_cli(["compile", "--devices", "8", "--config", "configs/experiments/dlrm_synthetic.yaml", "mesh.data=8",
-                 "data.global_batch=256", "data.synthetic.vocab_sizes=[1024]", how, "--json", str(out)])
+                 "data.global_batch=256", "data.synthetic.vocab_sizes=[1024]", *overrides, "--json", str(out)])
         report = json.loads(out.read_text())
         kinds[exchange] = report["collectives_per_device"]["by_kind"]
         expected[exchange] = sum(t["expected_bytes_per_step"]["total"] for t in report["tables"])
@@ -144,6 +147,10 @@ def test_compiled_step_exchanges_by_all_to_all(tmp_path):
     assert "all-to-all" in kinds["all_to_all"] and "all-gather" not in kinds["all_to_all"], kinds
     assert "all-gather" in kinds["gspmd"] and "all-to-all" not in kinds["gspmd"], kinds
     assert kinds["all_to_all"]["all-to-all"]["bytes_sent"] == expected["all_to_all"]
+    # table-wise: the 9 tables stacked, read and updated by 4 all-to-alls instead of 4 per table
+    assert kinds["table_wise"]["all-to-all"]["bytes_sent"] == expected["table_wise"]
+    assert kinds["table_wise"]["all-to-all"]["count"] == 4 and kinds["all_to_all"]["all-to-all"]["count"] == 36
+    assert set(kinds["table_wise"]) == {"all-to-all", "all-reduce"}, kinds["table_wise"]
     for how in ("gspmd", "columns"):
         tables = sum(k["bytes_sent"] for k in kinds[how].values()) - dense_allreduce
         print(f"{how} step: table collectives {tables:.0f} B measured, {expected[how]:.0f} B expected")

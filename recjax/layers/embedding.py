@@ -72,7 +72,7 @@ from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
 from recjax.parallel.table_exchange import capacity, exchange_axes, exchange_lookup
 
-Placement = Literal["replicated", "row_sharded", "column_sharded"]
+Placement = Literal["replicated", "row_sharded", "column_sharded", "table_wise"]
 Gather = Callable[[jax.Array, jax.Array], jax.Array]  # (table [R, d], ids [N]) -> rows [N, d]
 
 
@@ -253,7 +253,7 @@ class TableSpec:
 
     @property
     def logical_axes(self) -> tuple[str | None, str | None]:
-        if self.placement == "row_sharded":
+        if self.placement in ("row_sharded", "table_wise"):  # table-wise: rows of a stack
             return ("table_rows", "embed")
         return (None, "table_cols") if self.placement == "column_sharded" else (None, "embed")
 
@@ -281,9 +281,44 @@ class Shards:
 
 
 def table_bytes_per_device(placement: Placement, rows: int, dim: int, shards: Shards) -> int:
-    """fp32 bytes of one table ``[rows, dim]`` on each device under ``placement``."""
-    per = {"replicated": 1, "row_sharded": shards.rows, "column_sharded": shards.cols}[placement]
+    """fp32 bytes of one table ``[rows, dim]`` on each device under ``placement`` (table-wise:
+    on the device that holds it)."""
+    per = {"replicated": 1, "row_sharded": shards.rows, "column_sharded": shards.cols, "table_wise": 1}[placement]
     return rows * dim * 4 // per
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Table-wise tables of one dim stacked into one row-sharded param ``[shards * rows_per_shard,
+    dim]``: table ``name`` occupies rows ``offset[name] + [0, rows)`` (global), all on one shard."""
+
+    param: str
+    dim: int
+    rows_per_shard: int
+    shards: int
+    offset: tuple[tuple[str, int], ...]  # (table, first row); tuples keep the module hashable
+    shard_of: tuple[tuple[str, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shards * self.rows_per_shard
+
+
+def pack_table_wise(tables: list[tuple[str, int, int]], shards: int) -> list[Stack]:
+    """Stacks for table-wise tables ``(name, rows, dim)``: per dim, each table (largest first) goes
+    whole to the shard holding the fewest rows so far; every shard is padded to the fullest."""
+    stacks = []
+    for dim in sorted({d for _, _, d in tables}):
+        load = [0] * shards
+        offset, shard_of = {}, {}
+        for name, rows, _ in sorted((t for t in tables if t[2] == dim), key=lambda t: (-t[1], t[0])):
+            b = min(range(shards), key=lambda i: (load[i], i))
+            shard_of[name], offset[name] = b, load[b]
+            load[b] += rows
+        per = max(load)
+        stacks.append(Stack(f"table_wise_{dim}", dim, per, shards,
+                            tuple((n, shard_of[n] * per + o) for n, o in offset.items()), tuple(shard_of.items())))
+    return stacks
 
 
 def plan_placements(tables: list[tuple[str, int, int, str]], cfg: EmbeddingConfig, shards: Shards,
@@ -292,14 +327,20 @@ def plan_placements(tables: list[tuple[str, int, int, str]], cfg: EmbeddingConfi
 
     Requested placements other than ``auto`` are kept. ``auto``: ``replicated`` up to
     ``cfg.replicate_max_bytes`` (no lookup traffic; every device updates its copy), else sharded:
-    ``column_sharded`` where the rows do not divide over the row shards but the dim divides over
-    the column shards (no padding; not for dynamic tables, whose rows belong to hash
-    partitions), else ``row_sharded``. With ``cfg.memory_budget_bytes`` and an active mesh,
+    ``table_wise`` up to ``cfg.table_wise_max_bytes`` (whole on one device, stacked with the
+    other table-wise tables of its dim: one lookup for all of them), ``column_sharded`` where the
+    rows do not divide over the row shards but the dim divides over the column shards (no
+    padding), else ``row_sharded`` (always for dynamic tables, whose rows belong to hash
+    partitions). With ``cfg.memory_budget_bytes`` and an active mesh,
     auto-placed replicated tables are sharded, largest first, until the tables' bytes per device
     fit; a plan that still does not fit raises ``ConfigError`` listing it.
     """
     def sharded(rows: int, dim: int) -> Placement:
-        if not dynamic and rows % shards.rows and shards.cols > 1 and dim % shards.cols == 0:
+        if dynamic:
+            return "row_sharded"
+        if rows * dim * 4 <= cfg.table_wise_max_bytes:
+            return "table_wise"
+        if rows % shards.rows and shards.cols > 1 and dim % shards.cols == 0:
             return "column_sharded"
         return "row_sharded"
 
@@ -314,7 +355,9 @@ def plan_placements(tables: list[tuple[str, int, int, str]], cfg: EmbeddingConfi
     size = {name: (rows, dim) for name, rows, dim, _ in tables}
 
     def total() -> int:
-        return sum(table_bytes_per_device(out[n], *size[n], shards) for n in out)
+        stacked = pack_table_wise([(n, *size[n]) for n in out if out[n] == "table_wise"], shards.rows)
+        return (sum(table_bytes_per_device(out[n], *size[n], shards) for n in out if out[n] != "table_wise")
+                + sum(st.rows_per_shard * st.dim * 4 for st in stacked))
 
     movable = sorted((n for n, _, _, want in tables if want == "auto" and out[n] == "replicated"),
                      key=lambda n: -size[n][0] * size[n][1])
@@ -344,9 +387,12 @@ def resolve_tables(features: FeatureSpec, cfg: EmbeddingConfig, shards: Shards |
     specs = _resolve_layout(features, cfg)
     dynamic = cfg.dynamic.capacity > 0
     rows = {t.name: t.vocab_size if dynamic else padded_rows(t.vocab_size, cfg.pad_rows_to) for t in specs}
-    if dynamic and any(t.placement == "column_sharded" for t in specs):
-        raise ConfigError("embedding.placement=column_sharded: dynamic tables are row_sharded or replicated "
+    if dynamic and any(t.placement in ("column_sharded", "table_wise") for t in specs):
+        raise ConfigError("embedding.placement: dynamic tables are row_sharded or replicated "
                           "(their rows belong to hash partitions)")
+    clash = {t.name for t in specs} & {f"table_wise_{t.dim}" for t in specs}
+    if clash:
+        raise ConfigError(f"embedding.tables: the names {sorted(clash)} are reserved for table-wise stacks")
     plan = plan_placements([(t.name, rows[t.name], t.dim, t.placement) for t in specs], cfg, shards, dynamic)
     return [replace(t, placement=plan[t.name]) for t in specs]
 
@@ -426,24 +472,33 @@ class EmbeddingCollection(nnx.Module):
         self.feature_table = tuple(table_of[f] for f in self.feature_names)
         self.dynamic = cfg.dynamic if cfg.dynamic.capacity > 0 else None
         self.layout = Layout.of(cfg.dynamic) if self.dynamic else None
-        rows = {t.name: t.vocab_size if self.dynamic else padded_rows(t.vocab_size, cfg.pad_rows_to)
-                for t in self.specs}
+        rows = {t.name: t.vocab_size if self.dynamic or t.placement == "table_wise"
+                else padded_rows(t.vocab_size, cfg.pad_rows_to) for t in self.specs}
         if self.layout is not None:  # hash state per table, split like its rows
             self.hash = nnx.Dict({
                 t.name: nnx.Dict({f: HashSlots(v, out_sharding=dyn.logical_axes(f, t.placement == "row_sharded"))
                                   for f, v in dyn.init_state(self.layout).items()})
                 for t in self.specs
             })
-        self.tables = nnx.Dict(
-            {
-                t.name: LookupTable(
-                    jax.random.normal(rngs.params(), (rows[t.name], t.dim), jnp.float32)
-                    / jnp.sqrt(t.dim),
-                    out_sharding=t.logical_axes,
-                )
-                for t in self.specs
-            }
-        )
+        stacks = pack_table_wise([(t.name, rows[t.name], t.dim) for t in self.specs if t.placement == "table_wise"],
+                                 Shards.active().rows)
+        self.stacks = tuple(stacks)
+        # param name -> the tables it holds (one, or a table-wise stack); table -> its first row
+        offsets = {n: o for st in stacks for n, o in st.offset}
+        self.groups = tuple([(t.name, (t,)) for t in self.specs if t.placement != "table_wise"]
+                            + [(st.param, tuple(t for t in self.specs if t.name in dict(st.offset))) for st in stacks])
+        self.row_offset = tuple((t.name, offsets.get(t.name, 0)) for t in self.specs)
+        # each table's rows are drawn alone, in table order, then stacked: the values do not
+        # depend on the placement or the packing (padding rows of a stack are zeros)
+        init = {t.name: jax.random.normal(rngs.params(), (rows[t.name], t.dim), jnp.float32) / jnp.sqrt(t.dim)
+                for t in self.specs}
+        for st in stacks:
+            stacked = jnp.zeros((st.rows, st.dim), jnp.float32)
+            for name, offset in st.offset:
+                stacked = jax.lax.dynamic_update_slice_in_dim(stacked, init.pop(name), offset, axis=0)
+            init[st.param] = stacked
+        self.tables = nnx.Dict({name: LookupTable(init[name], out_sharding=members[0].logical_axes)
+                                for name, members in self.groups})
 
     @property
     def feature_dims(self) -> tuple[int, ...]:
@@ -486,30 +541,45 @@ class EmbeddingCollection(nnx.Module):
             stats["exchange_overflow"] = jnp.zeros((), jnp.int32)
         if self.dynamic:
             stats["cold_ids"] = jnp.zeros((), jnp.int32)
-        for spec in self.specs:
-            cols = self.table_columns(spec.name)
-            if self.dynamic:
-                r = _columns(raw, cols)  # [B, n, H, 2]
-                rows = dyn.find_rows({k: v[...] for k, v in self.hash[spec.name].items()},
-                                     r[..., 0].reshape(-1), r[..., 1].reshape(-1), layout=self.layout,
-                                     threshold=self.dynamic.threshold, row_sharded=spec.placement == "row_sharded")
-                tid = rows.reshape(r.shape[:-1])
-                stats["cold_ids"] += jnp.sum(dyn.present(r[..., 0]) & (tid < 0), dtype=jnp.int32)
-            else:
-                tid = _columns(ids, cols)  # [B, n, H]
-            vecs, table_stats = self._lookup_table(spec, self.tables[spec.name][...], tid)
-            stats = {k: v + table_stats.get(k, 0) for k, v in stats.items()}
-            for j, c in enumerate(cols):
-                out[c] = vecs[:, j]
+        for param, members in self.groups:  # one read per param: a table, or a table-wise stack
+            prepared = []
+            for spec in members:
+                cols = self.table_columns(spec.name)
+                if self.dynamic:
+                    r = _columns(raw, cols)  # [B, n, H, 2]
+                    rows = dyn.find_rows({k: v[...] for k, v in self.hash[spec.name].items()},
+                                         r[..., 0].reshape(-1), r[..., 1].reshape(-1), layout=self.layout,
+                                         threshold=self.dynamic.threshold,
+                                         row_sharded=spec.placement == "row_sharded")
+                    tid = rows.reshape(r.shape[:-1])
+                    stats["cold_ids"] += jnp.sum(dyn.present(r[..., 0]) & (tid < 0), dtype=jnp.int32)
+                else:
+                    tid = _columns(ids, cols)  # [B, n, H]
+                idx, used, oov = self._rows_of(spec, tid)
+                stats["oov_ids"] += oov
+                prepared.append((cols, idx, used))
+            # joined per example ([B, sum n H]), so each device's ids stay on it
+            joined = jnp.concatenate([p[1] for p in prepared], axis=1)
+            flat, overflow = self._read(param, members[0].placement, joined.reshape(-1))
+            if overflow is not None:
+                stats["exchange_overflow"] += overflow
+            rows, start = flat.reshape(*joined.shape, -1), 0
+            for cols, idx, used in prepared:
+                vecs = self._combine(rows[:, start:start + idx.shape[1]].reshape(*used.shape, -1), used)
+                start += idx.shape[1]
+                for j, c in enumerate(cols):
+                    out[c] = vecs[:, j]
         return out, stats  # type: ignore[return-value]
 
-    def _gather(self, spec: TableSpec, table: jax.Array, n_ids: int, overflow: list[jax.Array]) -> tuple[Gather, int]:
+    def _gather(self, placement: Placement, table: jax.Array, n_ids: int,
+                overflow: list[jax.Array]) -> tuple[Gather, int]:
         """How to read ``table`` for ``n_ids`` ids, and the all-to-all's slots per destination:
-        the exchange when configured for a row-sharded table and the active mesh splits the
-        batch over exactly its row axes, else (:func:`gather_rows`, 0)."""
+        the exchange when configured for a row-split table (row-sharded or a table-wise stack)
+        and the active mesh splits the batch over exactly its row axes, else
+        (:func:`gather_rows`, 0)."""
         local = (lambda t, i: gather_rows(t, jnp.maximum(i, 0))), 0
         ctx = shd.active()
-        if self.exchange != "all_to_all" or spec.placement != "row_sharded" or ctx is None:
+        if self.exchange != "all_to_all" or placement not in ("row_sharded", "table_wise") or ctx is None:
             return local
         mesh, rules = ctx
         rows = shd.spec_axes(tuple(shd.fit_spec(shd.logical_to_spec(("table_rows",), rules, mesh), table.shape[:1], mesh))[0])
@@ -527,10 +597,10 @@ class EmbeddingCollection(nnx.Module):
 
         return gather, cap
 
-    def _lookup_table(
-        self, spec: TableSpec, table: jax.Array, ids: jax.Array
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``ids`` [B, n, H] -> (combined vectors [B, n, d] in dtype, stats as in :meth:`lookup`)."""
+    def _rows_of(self, spec: TableSpec, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Ids ``[B, n, H]`` of table ``spec`` -> (rows of its param ``[B, n H]``, ``-1``: nothing
+        read; which ids contribute ``[B, n, H]``; int32 out-of-vocabulary count), by the ``oov``
+        rule; a table-wise table's rows start at its offset in the stack."""
         vocab = spec.vocab_size
         in_vocab = (ids >= 0) & (ids < vocab)
         is_oov = (ids != -1) & ~in_vocab
@@ -541,20 +611,25 @@ class EmbeddingCollection(nnx.Module):
         else:
             used = in_vocab
             idx = ids
-        idx = jnp.where(used, idx, -1).reshape(-1)
+        idx = jnp.where(used, idx + dict(self.row_offset)[spec.name], -1)
+        return idx.reshape(idx.shape[0], -1), used, oov
+
+    def _read(self, param: str, placement: Placement, idx: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Rows ``[N, d]`` fp32 of param ``param`` at ``idx [N]`` (zeros at ``-1``), through the
+        recording tape when one is active, and the all-to-all's overflow count (None without one)."""
+        table = self.tables[param][...]
         overflow: list[jax.Array] = []
-        gather, cap = self._gather(spec, table, idx.shape[0], overflow)
+        gather, cap = self._gather(placement, table, idx.shape[0], overflow)
         tape = _TAPE.get()
-        flat = gather(table, idx) if tape is None else tape.lookup(spec.name, table, idx, gather, cap)
-        vecs = flat.reshape(*used.shape, -1)  # [B, n, H, d] fp32
+        flat = gather(table, idx) if tape is None else tape.lookup(param, table, idx, gather, cap)
+        return flat, overflow[0] if overflow else None
+
+    def _combine(self, vecs: jax.Array, used: jax.Array) -> jax.Array:
+        """``[B, n, H, d]`` rows and their ``used`` mask -> ``[B, n, d]`` in ``dtype`` by ``combiner``."""
         weights = used.astype(jnp.float32)
         if self.combiner == "mean":
             weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
-        combined = jnp.sum(vecs * weights[..., None], axis=2)  # elementwise; no matmul
-        stats = {"oov_ids": oov}
-        if overflow:
-            stats["exchange_overflow"] = overflow[0]
-        return combined.astype(self.dtype), stats
+        return jnp.sum(vecs * weights[..., None], axis=2).astype(self.dtype)  # elementwise; no matmul
 
     def __call__(self, ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``ids`` -> (``[B, F, d]`` in ``dtype``, stats as in :meth:`lookup`); needs equal table dims."""

@@ -101,6 +101,7 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
     count, rows and bytes per device."""
     out = []
     dynamic = {t.rows.path: t.layout for t in setup.dynamic_tables}
+    stacks = dict(setup.stacks)
     for path, leaf, group in grouped_params(setup.abstract_state["params"], setup.groups):
         if group != "embedding":
             continue
@@ -120,6 +121,8 @@ def table_placement(setup: TrainSetup) -> list[dict[str, Any]]:
             "cols_per_device": int(shard_shape[1]) if leaf.ndim > 1 else 1,
             "bytes_per_device": int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize,
         })
+        if path in stacks:
+            out[-1]["table_wise"] = dict(stacks[path].shard_of)  # table -> the shard holding it
         if path in dynamic:
             lay = dynamic[path]
             out[-1]["dynamic"] = {"capacity": lay.partitions * lay.capacity, "partitions": lay.partitions,
@@ -196,6 +199,8 @@ def format_placement(tables: list[dict[str, Any]]) -> list[str]:
            f"{t['dynamic']['slots_per_partition']:,} slots" if "dynamic" in t else "")
         + (f"; sends ~{flops_lib.format_bytes(t['expected_bytes_per_step']['total'])} per step"
            if "expected_bytes_per_step" in t else "")
+        + ("; table-wise: " + ", ".join(f"{n} on shard {b}" for n, b in t["table_wise"].items())
+           if "table_wise" in t else "")
         for t in tables
     ]
 

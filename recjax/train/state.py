@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from recjax.config import Config
 from recjax.errors import ConfigError
 from recjax.layers import dynamic_table as dyn
-from recjax.layers.embedding import EmbeddingCollection, EmbeddingTable, LookupTable
+from recjax.layers.embedding import EmbeddingCollection, EmbeddingTable, LookupTable, Stack
 from recjax.parallel import sharding as shd
 from recjax.parallel.mesh import make_mesh
 from recjax.tasks import Task, get_task
@@ -132,6 +132,7 @@ class TrainSetup:
     # tables updated row-wise (optim.embedding.update=sparse); empty: every gradient is dense
     sparse_tables: tuple[SparseTable, ...] = ()
     dynamic_tables: tuple[DynamicTable, ...] = ()  # raw-id tables (all of them sparse tables)
+    stacks: tuple[tuple[tuple[str, ...], Stack], ...] = ()  # (param path, table-wise stack)
 
     @property
     def sparse_paths(self) -> tuple[tuple[str, ...], ...]:
@@ -232,13 +233,16 @@ def build_setup(cfg: Config, task: Task | None = None, devices: list[jax.Device]
     paths = lookup_table_paths(model) if cfg.optim.embedding.update == "sparse" else ()
     tables = tuple(_sparse_table(p, abstract_params, param_shardings, mesh) for p in paths)
     dynamic = _dynamic_tables(cfg, model, tables)
+    stacks = tuple(((*map(str, path), "tables", st.param), st) for path, node in nnx.iter_graph(model)
+                   if isinstance(node, EmbeddingCollection) for st in node.stacks)
     if tables:
         sparse.slot_shapes(cfg.optim.embedding.name, 1, 1)  # a sparse rule, or a ConfigError
         tx = optim.make_optimizer(cfg.optim, total, sparse.split_tables(groups, paths)[0], clip=False)
     else:
         tx = optim.make_optimizer(cfg.optim, total, groups)
 
-    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables, dynamic)
+    setup = TrainSetup(cfg, task, mesh, graphdef, tx, total, groups, {}, {}, batch_axes(cfg, mesh), tables, dynamic,
+                       stacks)
     with shd.use_rules(mesh, cfg.mesh.rules):
         abstract = jax.eval_shape(setup._init_fn, jax.random.PRNGKey(cfg.seed))
     replicated = NamedSharding(mesh, PartitionSpec())
