@@ -33,7 +33,8 @@ def test_compile_64_devices_reports_per_device_memory_and_the_table_split(tmp_pa
     assert r["memory_per_device"]["total"] > 0 and r["memory_per_device"]["temp"] > 0
     (table,) = r["tables"]
     assert table == {"name": "item_embedding", "rows": ROWS, "dim": HIDDEN, "row_axes": ["data"],
-                     "shards": 64, "rows_per_device": 2, "bytes_per_device": 2 * HIDDEN * 4}
+                     "shards": 64, "col_axes": [], "rows_per_device": 2, "cols_per_device": HIDDEN,
+                     "bytes_per_device": 2 * HIDDEN * 4}
     state = r["state_per_device"]
     assert 0 < state["total"] < state["unsharded_total"]
     assert state["total"] == state["params"] + state["opt_state"] + 4 * 4  # + step, rng, nonfinite_step
