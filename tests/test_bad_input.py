@@ -120,6 +120,15 @@ def test_row_sharded_table_that_does_not_divide_is_refused(earlier_run):
     assert snapshot(earlier_run) == before
 
 
+def test_column_sharded_table_whose_dim_does_not_divide_is_refused():
+    proc = run_cli(["compile", "--devices", "8", *args(DLRM, "embedding.placement=column_sharded",
+                                                       "embedding.dim=12", "model.bottom_mlp=[16,12]")], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "config error: embedding.tables.C1: 12 columns do not divide over the 8 shards of mesh axes data "
+        "(mesh.rules.table_cols); use a dim that 8 divides or another placement")
+
+
 def test_padded_rows_train_and_the_placement_is_printed(tmp_path):
     """With embedding.pad_rows_to=8 the same config trains on 8 devices; the start of the run
     prints each row-sharded table: rows, shard axis and count, bytes per device, expected bytes

@@ -113,23 +113,17 @@ def tree_shardings(specs: Any, abstract: Any, mesh: Mesh, rules: Rules) -> Any:
         want = logical_to_spec(tuple(spec), rules, mesh)
         got = fit_spec(want, leaf.shape, mesh)
         for dim, (name, w, g) in enumerate(zip(tuple(spec), tuple(want), tuple(got), strict=False)):
-            if name == "table_cols" and w != g:
+            if name in ("table_rows", "table_cols") and w != g:
                 axes = (w,) if isinstance(w, str) else tuple(w)
                 shards = int(np.prod([mesh.shape[a] for a in axes]))
                 where = jax.tree_util.keystr(path, simple=True, separator=".")
+                fix = (f"set embedding.pad_rows_to={shards} (or a multiple) to pad the rows, or "
+                       "embedding.placement=replicated to keep a whole copy on every device"
+                       if name == "table_rows" else f"use a dim that {shards} divides or another placement")
+                what = "rows" if name == "table_rows" else "columns"
                 raise ConfigError(
-                    f"{where}: {leaf.shape[dim]:,} columns do not divide over the {shards} shards of mesh "
-                    f"axes {' x '.join(axes)} (mesh.rules.table_cols); use a dim that {shards} divides "
-                    "or another placement")
-            if name == "table_rows" and w != g:
-                axes = (w,) if isinstance(w, str) else tuple(w)
-                shards = int(np.prod([mesh.shape[a] for a in axes]))
-                where = jax.tree_util.keystr(path, simple=True, separator=".")
-                raise ConfigError(
-                    f"{where}: {leaf.shape[dim]:,} rows do not divide over the {shards} shards of mesh "
-                    f"axes {' x '.join(axes)} (mesh.rules.table_rows); set embedding.pad_rows_to={shards} "
-                    "(or a multiple) to pad the rows, or embedding.placement=replicated to keep a whole "
-                    "copy on every device")
+                    f"{where}: {leaf.shape[dim]:,} {what} do not divide over the {shards} shards of mesh "
+                    f"axes {' x '.join(axes)} (mesh.rules.{name}); {fix}")
         return NamedSharding(mesh, got)
 
     return jax.tree_util.tree_map_with_path(
