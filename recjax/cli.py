@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None, help="number of virtual CPU devices to compile for")
     p.add_argument("--max-device-memory-gb", type=float, default=None, help="exit 1 when over this")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--hlo", default=None, help="also write the compiled step's optimized HLO text here")
 
     p = sub.add_parser("params", help="print parameter counts, analytic FLOPs and per-device state of a config")
     _add_config_args(p)
@@ -133,7 +134,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from recjax.train.compile import compile_report, format_report
 
-    report = compile_report(cfg)
+    report = compile_report(cfg, hlo_path=args.hlo)
     print(format_report(report))
     if args.json:
         path = pathlib.Path(args.json)

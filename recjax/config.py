@@ -53,9 +53,9 @@ class MeshConfig:
     # logical axis name -> mesh axes it is sharded over (empty list = replicated)
     rules: dict[str, list[str]] = field(
         default_factory=lambda: {
-            "batch": ["data", "fsdp"],
-            "table_rows": ["data", "fsdp"],
-            "table_cols": ["data", "fsdp"],
+            "batch": ["data", "fsdp", "expert"],
+            "table_rows": ["data", "fsdp", "expert"],
+            "table_cols": ["data", "fsdp", "expert"],
             "embed": ["fsdp"],
             "mlp": ["tensor"],
             "heads": ["tensor"],

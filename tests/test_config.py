@@ -11,7 +11,7 @@ from recjax.errors import ConfigError
 def test_base_loads_with_defaults():
     cfg = load_config()
     assert cfg.model.name == "dlrm"
-    assert cfg.mesh.rules["batch"] == ["data", "fsdp"]
+    assert cfg.mesh.rules["batch"] == ["data", "fsdp", "expert"]
     assert cfg.optim.embedding.name == "rowwise_adagrad"
 
 
@@ -23,7 +23,7 @@ def test_chain_and_overrides(tmp_path: pathlib.Path):
     assert cfg.model.name == "dcnv2"
     assert cfg.train.steps == 9 and cfg.train.log_every == 3
     assert cfg.mesh.rules["batch"] == ["data"]
-    assert cfg.mesh.rules["table_rows"] == ["data", "fsdp"]  # other rules survive the override
+    assert cfg.mesh.rules["table_rows"] == ["data", "fsdp", "expert"]  # other rules survive the override
     assert cfg.optim.dense.lr == 1.0 and isinstance(cfg.optim.dense.lr, float)
     assert load_config(None, ["optim.dense.lr=3e-4"]).optim.dense.lr == 3e-4  # YAML 1.1 reads this as a string
 

@@ -166,7 +166,7 @@ GMM_CASES = [  # (M, K, N, group sizes): empty groups, sizes off the block, a ze
     _random_gmm_case(11),
     _random_gmm_case(13),
 ]
-GMM_IMPLS = ["reference", "xla", "interpret"]
+GMM_IMPLS = ["reference", "xla", "tokamax", "interpret"]  # tokamax: its XLA path on CPU
 
 
 @pytest.mark.parametrize("impl", GMM_IMPLS)
@@ -268,7 +268,7 @@ def _moe_case(case: int, impl: str):
 
 
 @pytest.mark.parametrize(
-    "impl,case", [("dense", 0), ("dense", 1), ("xla", 0), ("xla", 1), ("interpret", 0)]
+    "impl,case", [("dense", 0), ("dense", 1), ("xla", 0), ("xla", 1), ("interpret", 0), ("tokamax", 0)]
 )
 def test_moe_ffn_matches_reference_forward_and_backward(impl, case):
     args, y, st, grads = _moe_case(case, impl)
@@ -288,7 +288,7 @@ def test_auto_impl_per_backend():
     backend = jax.default_backend()
     for k, cpu_choice in ((1, "xla"), (2, "dense")):
         expected = {"gpu": "pallas", "tpu": "xla"}.get(backend, cpu_choice)
-        assert moe_mod._resolve_moe_impl("auto", k) == expected
+        assert moe_mod.resolve_moe_impl("auto", k) == expected
 
 
 def test_moe_ffn_bfloat16_matches_float64():

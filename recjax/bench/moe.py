@@ -4,10 +4,11 @@ Per (experts, topk) shape, with group sizes from :func:`recjax.kernels.moe.route
 logits (near-balanced), rows are:
 
 - ``op="grouped_matmul"``: ``x [tokens*topk, d] @ w[g] [d, f]`` by ``impl`` ``reference``
-  (dense masked einsum), ``xla`` (``jax.lax.ragged_dot``), ``pallas`` (Triton kernel);
+  (dense masked einsum), ``xla`` (``jax.lax.ragged_dot``), ``pallas`` (Triton kernel),
+  ``tokamax`` (``tokamax.ragged_dot``, where installed);
 - ``op="moe_ffn"``: the SwiGLU MoE layer over ``tokens`` tokens (one expert set) by ``impl``
-  ``dense``, ``xla``, ``pallas`` (its ``reference`` gathers ``tokens*topk`` weight matrices
-  and is not benchmarked);
+  ``dense``, ``xla``, ``pallas``, ``tokamax`` (its ``reference`` gathers ``tokens*topk`` weight
+  matrices and is not benchmarked);
 - ``op="dense_matmul"``, ``impl="xla"``: one baseline ``[tokens*topk, d] @ [d, f]`` matmul,
   the same active FLOPs as the grouped matmul, for comparing TFLOP/s.
 
@@ -26,14 +27,19 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-GMM_IMPLS = ("reference", "xla", "pallas", "interpret")
-MOE_IMPLS = ("dense", "xla", "pallas", "interpret")
+GMM_IMPLS = ("reference", "xla", "pallas", "tokamax", "interpret")
+MOE_IMPLS = ("dense", "xla", "pallas", "tokamax", "interpret")
 
 
 def default_impls() -> tuple[str, ...]:
+    """reference, xla and dense; pallas on GPU; tokamax where it is installed."""
+    import importlib.util
+
     import jax
 
-    return ("reference", "xla", "dense") + (("pallas",) if jax.default_backend() == "gpu" else ())
+    gpu = ("pallas",) if jax.default_backend() == "gpu" else ()
+    tokamax = ("tokamax",) if importlib.util.find_spec("tokamax") is not None else ()
+    return ("reference", "xla", "dense") + gpu + tokamax
 
 
 def bench_moe(

@@ -31,6 +31,11 @@ Implementations (``impl``):
   ``moe_ffn`` folds ``P`` into the group axis (group ``p*E + e``): the per-set expert-sorted
   rows, laid out set after set, are already sorted by that group id, so each layer is one
   kernel launch over ``P*E`` groups.
+- ``"tokamax"`` -- ``tokamax.ragged_dot`` (optional dependency: ``pip install 'recjax[tokamax]'``;
+  0.0.12 works with jax 0.10.2 on Python 3.11, later releases need jax >= 0.11 and Python >=
+  3.12), which picks its fastest implementation for the backend (Mosaic GPU, then Triton, then
+  XLA; only XLA lowers on CPU) for the forward and the backward products alike; ``moe_ffn``
+  folds ``P`` into the groups as for ``pallas``.
 - ``"auto"`` -- ``pallas`` on GPU; ``xla`` on TPU (native ragged dot, not measured here).
   On CPU, ``grouped_matmul`` uses ``reference`` and ``moe_ffn`` uses ``xla`` for ``k == 1``
   and ``dense`` for ``k >= 2``. Measured on 2 shared CPU cores (1024 tokens, D=64, F=128, fp32,
@@ -48,9 +53,9 @@ may be sharded. ``dense`` and ``reference`` partition without moving tokens (the
 only all-reduces the ``[P, E]`` expert counts; a test pins that ``dense`` has no all-gather).
 Routing uses a sort along ``E`` instead of ``lax.top_k``, which GSPMD would replicate. The
 ``xla`` path sorts along ``N``, so XLA all-gathers each set's tokens over the ``N`` axis.
-The Pallas kernel is a custom call XLA cannot partition: its operands are gathered unless the
-caller runs the layer inside ``shard_map`` (everything here is local per token except the
-statistics' means over ``N``).
+The Pallas kernel is a custom call XLA cannot partition: its operands would be gathered. Models
+call :func:`recjax.kernels.moe_parallel.moe_ffn_sharded` under a multi-device mesh instead: the
+layer runs per device inside ``shard_map``, experts split over devices by an all-to-all.
 """
 
 from __future__ import annotations
@@ -65,10 +70,10 @@ import jax.numpy as jnp
 from recjax.kernels.grouped_matmul_pallas import GmmConfig, grouped_matmul_pallas
 
 Gate = Literal["softmax", "relu"]
-GmmImpl = Literal["auto", "pallas", "interpret", "xla", "reference"]
-MoeImpl = Literal["auto", "pallas", "interpret", "xla", "dense", "reference"]
-_GMM_IMPLS = ("auto", "pallas", "interpret", "xla", "reference")
-_MOE_IMPLS = ("auto", "pallas", "interpret", "xla", "dense", "reference")
+GmmImpl = Literal["auto", "pallas", "interpret", "xla", "tokamax", "reference"]
+MoeImpl = Literal["auto", "pallas", "interpret", "xla", "tokamax", "dense", "reference"]
+_GMM_IMPLS = ("auto", "pallas", "interpret", "xla", "tokamax", "reference")
+_MOE_IMPLS = ("auto", "pallas", "interpret", "xla", "tokamax", "dense", "reference")
 
 
 def _backend() -> str:
@@ -258,7 +263,23 @@ def grouped_matmul(
         return grouped_matmul_pallas(x, w, group_sizes, preferred_element_type=out_dtype, cfg=cfg)
     if impl == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
+    if impl == "tokamax":
+        return _tokamax().ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=out_dtype)
     return _grouped_matmul_reference(x, w, group_sizes, out_dtype)
+
+
+def _tokamax():
+    try:
+        import tokamax
+        from absl import flags
+    except ImportError as err:
+        raise ImportError("grouped_matmul(impl='tokamax') needs the tokamax package: "
+                          "pip install 'recjax[tokamax]' (or use impl='auto')") from err
+    # tokamax reads its absl flags on first use and, if nobody parsed them, parses sys.argv,
+    # which fails on any program's own arguments (recjax's, pytest's): keep the defaults
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
 
 
 def _grouped_matmul_reference(x, w, group_sizes, out_dtype):
@@ -273,7 +294,8 @@ def _grouped_matmul_reference(x, w, group_sizes, out_dtype):
 # ------------------------------------------------------------------------------------ moe_ffn
 
 
-def _resolve_moe_impl(impl: str, k: int) -> str:
+def resolve_moe_impl(impl: str, k: int) -> str:
+    """The implementation ``moe_ffn(impl=...)`` runs for top-``k`` routing on this backend."""
     if impl not in _MOE_IMPLS:
         raise ValueError(f"moe_ffn: impl must be one of {_MOE_IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -308,12 +330,11 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, 
     unbatched = x.ndim == 2
     if unbatched:
         x, router_w, w_gate, w_up, w_down = (a[None] for a in (x, router_w, w_gate, w_up, w_down))
-    _check_moe_shapes(x, router_w, w_gate, w_up, w_down)
-    impl = _resolve_moe_impl(impl, k)
+    check_moe_shapes(x, router_w, w_gate, w_up, w_down)
+    impl = resolve_moe_impl(impl, k)
     logits = jnp.einsum("pnd,pde->pne", x.astype(jnp.float32), router_w.astype(jnp.float32))
     r = route(logits, k, gate=gate)
-    ffn = {"dense": _moe_dense, "reference": _moe_reference}.get(impl, _moe_sorted)
-    y = ffn(x, r, w_gate.astype(x.dtype), w_up.astype(x.dtype), w_down.astype(x.dtype), impl)
+    y = expert_ffn(x, r, w_gate.astype(x.dtype), w_up.astype(x.dtype), w_down.astype(x.dtype), impl)
     y = (scale * y).astype(x.dtype)
     stats = dict(r.stats)
     if unbatched:
@@ -323,7 +344,7 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, 
     return y, stats
 
 
-def _check_moe_shapes(x, router_w, w_gate, w_up, w_down):
+def check_moe_shapes(x, router_w, w_gate, w_up, w_down):
     p, n, d = x.shape if x.ndim == 3 else (None,) * 3
     e = router_w.shape[-1] if router_w.ndim == 3 else None
     f = w_gate.shape[-1] if w_gate.ndim == 4 else None
@@ -350,24 +371,36 @@ def _swiglu(h: jax.Array, f: int) -> jax.Array:
     return jax.nn.silu(h[..., :f]) * h[..., f:]
 
 
+def expert_ffn(x, r: Routing, w_gate, w_up, w_down, impl: str) -> jax.Array:
+    """The expert part of :func:`moe_ffn` for a resolved ``impl`` (not ``"auto"``): ``x [P, N,
+    D]``, routing ``r``, weights in ``x.dtype`` -> fp32 ``sum_j g[n,j] Expert_{ids[n,j]}(x[n])``
+    ``[P, N, D]``. An expert id equal to ``E`` marks an empty copy: it is computed by no expert
+    and contributes zero (the expert-parallel receive buffers use it for unfilled slots)."""
+    ffn = {"dense": _moe_dense, "reference": _moe_reference}.get(impl, _moe_sorted)
+    return ffn(x, r, w_gate, w_up, w_down, impl)
+
+
 def _moe_sorted(x, r: Routing, w_gate, w_up, w_down, impl):
     """permute -> grouped matmul (gate|up fused) -> SwiGLU -> grouped matmul -> unpermute."""
     p, n, d = x.shape
     e, f = w_gate.shape[1], w_gate.shape[-1]
-    xs, perm = jax.vmap(permute)(x, r.expert_ids)  # [P, N*k, D]
     w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [P, E, D, 2F]
     if impl == "xla":
+        xs, perm = jax.vmap(permute)(x, r.expert_ids)  # [P, N*k, D]; empty copies (id E) last
         gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl="xla")
         h = jax.vmap(gmm)(xs, w_gu, r.group_sizes)
         o = jax.vmap(gmm)(_swiglu(h, f).astype(x.dtype), w_down, r.group_sizes)
-    else:  # one launch over P*E groups: set-major sorted rows are sorted by p*E + e
-        m = xs.shape[1]
-        gs = r.group_sizes.reshape(p * e)
-        gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl=impl)
-        h = gmm(xs.reshape(p * m, d), w_gu.reshape(p * e, d, 2 * f), gs)
-        a = _swiglu(h, f).astype(x.dtype)
-        o = gmm(a, w_down.reshape(p * e, f, d), gs).reshape(p, m, d)
-    return jax.vmap(unpermute)(o, perm, r.weights)
+        return jax.vmap(unpermute)(o, perm, r.weights)
+    # one launch over P*E groups: rows sorted by p*E + e, empty copies after all of them
+    k = r.expert_ids.shape[-1]
+    sets = jnp.arange(p, dtype=jnp.int32)[:, None, None]
+    key = jnp.where(r.expert_ids < e, sets * e + r.expert_ids, p * e).reshape(p * n, k)
+    xs, perm = permute(x.reshape(p * n, d), key)
+    gs = r.group_sizes.reshape(p * e)
+    gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl=impl)
+    h = gmm(xs, w_gu.reshape(p * e, d, 2 * f), gs)
+    o = gmm(_swiglu(h, f).astype(x.dtype), w_down.reshape(p * e, f, d), gs)
+    return unpermute(o, perm, r.weights.reshape(p * n, k)).reshape(p, n, d)
 
 
 def _moe_dense(x, r: Routing, w_gate, w_up, w_down, impl):
@@ -405,6 +438,6 @@ def moe_ffn_flops(n_tokens: int, d: int, f: int, e: int, k: int, *, impl: str = 
     ``"xla"`` path's ``ragged_dot`` executes ``E`` times its expert FLOPs (see module doc).
     """
     if impl != "active":
-        impl = _resolve_moe_impl(impl, k)
+        impl = resolve_moe_impl(impl, k)
     experts_run = e if impl == "dense" else k
     return n_tokens * (2 * d * e + experts_run * 3 * 2 * d * f)

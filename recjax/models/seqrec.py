@@ -76,8 +76,10 @@ from flax import nnx
 from recjax.config import Config, ModelConfig
 from recjax.errors import ConfigError
 from recjax.kernels.linear_attention import IMPLS, linear_attention
+from recjax.kernels.linear_attention_parallel import linear_attention_sharded
 from recjax.layers.embedding import EmbeddingTable, gather_rows, padded_rows
 from recjax.models.registry import register
+from recjax.parallel import sharding as shd
 
 
 @dataclass(frozen=True)
@@ -192,12 +194,18 @@ class Attention(nnx.Module):
         if self.kind == "softmax":
             out = self._softmax(q, k, v, lengths, rng)
         else:
-            out = linear_attention(
-                q, k, v, causal=self.causal, lengths=lengths, impl=self.impl,
-                feature_map=self.kind,
-                length_scale=self.length_scale[...] if self.kind == "cosine" else None,
-            )
+            out = self._linear(q, k, v, lengths)
         return self.o(out.reshape(b, s, d))
+
+    def _linear(self, q, k, v, lengths):
+        kw = dict(causal=self.causal, lengths=lengths, impl=self.impl, feature_map=self.kind,
+                  length_scale=self.length_scale[...] if self.kind == "cosine" else None)
+        active = shd.active()
+        if active is None or active[0].size == 1:
+            return linear_attention(q, k, v, **kw)
+        mesh, rules = active  # the kernels are custom calls GSPMD cannot split: shard_map them
+        batch, seq, heads = (shd.spec_axes(a) for a in shd.logical_to_spec(("batch", "seq", "heads"), rules, mesh))
+        return linear_attention_sharded(q, k, v, mesh=mesh, batch_axes=batch, seq_axes=seq, head_axes=heads, **kw)
 
     def _softmax(self, q, k, v, lengths, rng):
         s, dh = q.shape[1], q.shape[-1]

@@ -74,6 +74,7 @@ from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.kernels import moe as moe_kernels
+from recjax.kernels import moe_parallel
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, dense, mlp_flops
 from recjax.layers.token_mixing import (
@@ -87,6 +88,7 @@ from recjax.layers.token_mixing import (
 )
 from recjax.layers.tokenizer import FeatureTokenizer, semantic_groups, tokenizer_flops
 from recjax.models.registry import register
+from recjax.parallel import sharding as shd
 from recjax.parallel.sharding import constrain
 
 
@@ -120,6 +122,11 @@ class TokenMixerLargeConfig(ModelConfig):
     moe_alpha: float = 0.0  # output scale; 0 = routed inverse sparsity E / (routed experts)
     moe_load_balance_weight: float = 0.0
     moe_impl: str = "auto"
+    # under a multi-device mesh: shard_map (sets, tokens and experts split over the mesh axes of
+    # the tokens, batch and experts rules; expert parallelism by all-to-all) or gspmd (moe_ffn
+    # left to XLA's partitioner: the sorted paths gather tokens)
+    moe_partition: Literal["shard_map", "gspmd"] = "shard_map"
+    moe_capacity_factor: float = 0.0  # expert-parallel all-to-all slots per destination; 0 = dropless
     # execution
     scan_layers: bool = True
     remat: Literal["none", "full"] = "none"
@@ -148,6 +155,8 @@ class Shapes:
     moe_per_token: bool
     shared_expert: bool
     moe_impl: str
+    moe_partition: str
+    moe_capacity_factor: float
 
 
 def _input_items(cfg: Config, features: FeatureSpec) -> list[tuple[str, int]]:
@@ -176,6 +185,8 @@ def shapes_of(cfg: Config) -> Shapes:
         raise ConfigError(f"model.block_layout must be 'paper' or 'mixed_residual', got {m.block_layout!r}")
     if e and token_hidden % e:
         raise ConfigError(f"model: per-token hidden width {token_hidden} (token_ffn_mult * dim) must divide into {e} experts")
+    if m.moe_partition not in ("shard_map", "gspmd"):
+        raise ConfigError(f"model.moe_partition must be 'shard_map' or 'gspmd', got {m.moe_partition!r}")
     if m.residual_every < 0:
         raise ConfigError(f"model.residual_every must be >= 0, got {m.residual_every}")
     return Shapes(
@@ -186,6 +197,7 @@ def shapes_of(cfg: Config) -> Shapes:
         block_layout=m.block_layout, down_init_scale=m.down_init_scale,
         mix_revert=m.mix_revert, per_token=m.per_token, residuals=m.residuals,
         moe_per_token=m.moe_per_token, shared_expert=m.moe_shared_expert, moe_impl=m.moe_impl,
+        moe_partition=m.moe_partition, moe_capacity_factor=m.moe_capacity_factor,
     )
 
 
@@ -273,10 +285,20 @@ def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Arra
         xs = constrain(xn.transpose(1, 0, 2), ("tokens", "batch", None))
     else:  # one expert set for all B*T tokens
         xs = xn.reshape(b * t, d)
-    y, st = moe_kernels.moe_ffn(
-        xs, p["router"], p["expert_gate"], p["expert_up"], p["expert_down"], s.top_k,
-        gate="softmax", scale=s.alpha, impl=s.moe_impl,
-    )
+    weights = (xs, p["router"], p["expert_gate"], p["expert_up"], p["expert_down"], s.top_k)
+    active = shd.active()
+    if s.moe_partition == "shard_map" and active is not None and active[0].size > 1:
+        mesh, rules = active
+        lead = ("tokens",) if s.moe_per_token else (None,)  # x [T, B, D] or [B*T, D]
+        sets, tokens = (shd.spec_axes(a) for a in shd.logical_to_spec((*lead, "batch"), rules, mesh))
+        experts = shd.spec_axes(shd.logical_to_spec((*lead, "experts"), rules, mesh)[1])
+        y, st = moe_parallel.moe_ffn_sharded(
+            *weights, mesh=mesh, set_axes=sets, token_axes=tokens,
+            expert_axes=experts, gate="softmax", scale=s.alpha, impl=s.moe_impl,
+            capacity_factor=s.moe_capacity_factor,
+        )
+    else:
+        y, st = moe_kernels.moe_ffn(*weights, gate="softmax", scale=s.alpha, impl=s.moe_impl)
     y = y.transpose(1, 0, 2) if s.moe_per_token else y.reshape(b, t, d)
     if s.shared_expert:
         y = y + swiglu(xn, p["shared_gate"], p["shared_up"], p["shared_down"])
@@ -285,6 +307,7 @@ def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Arra
         "expert_fraction": frac.mean(0),
         "load_max_over_mean": (frac.max(-1) / jnp.maximum(frac.mean(-1), 1e-9)).mean(),
         "load_balance_loss": st["load_balance_loss"],
+        "dropped": st.get("dropped", jnp.zeros((), jnp.int32)),
     }
     return y, stats
 
@@ -348,7 +371,8 @@ class TokenMixerLarge(nnx.Module):
         return carry[0], carry[2], stats
 
     def _pool(self, x: jax.Array, scale: nnx.Param) -> jax.Array:
-        return rms_norm(x, scale[...]).astype(jnp.float32).mean(axis=1).astype(self.dtype)  # [B, D]
+        pooled = rms_norm(x, scale[...]).astype(jnp.float32).mean(axis=1).astype(self.dtype)  # [B, D]
+        return constrain(pooled, ("batch", None))  # else GSPMD gathers the batch in the heads' backward
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, Any]]:
         vecs, stats = self.embedding.lookup(batch["sparse"])
@@ -367,6 +391,7 @@ class TokenMixerLarge(nnx.Module):
             aux["moe_load_balance_loss"] = lb
             aux["moe_load_max_over_mean"] = stats["load_max_over_mean"].mean()
             aux["moe_expert_fraction"] = stats["expert_fraction"].mean(0)  # [E]
+            aux["moe_dropped"] = stats["dropped"].sum()  # token copies over the all-to-all capacity
             if self.lb_weight > 0:
                 aux_loss = aux_loss + self.lb_weight * lb
         aux["aux_loss"] = aux_loss

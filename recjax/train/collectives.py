@@ -57,10 +57,10 @@ def _sent(kind: str, b: int, g: int) -> float:
             "collective-permute": float(b)}[kind]
 
 
-def collective_traffic(hlo_text: str, n_devices: int) -> dict[str, Any]:
-    """``{"bytes_sent_per_device": float, "by_kind": {kind: {"count", "result_bytes",
-    "bytes_sent"}}}`` for one compiled module's text (``compiled.as_text()``)."""
-    by_kind: dict[str, dict[str, float]] = {}
+def collective_ops(hlo_text: str, n_devices: int) -> list[dict[str, Any]]:
+    """Every collective of one compiled module's text: ``{"kind", "arrays": [(dtype, (dims,
+    ...)), ...] (its result, as counted), "group": replica-group size}`` in text order."""
+    ops = []
     for line in hlo_text.splitlines():
         m = _LINE.match(line)
         if not m:
@@ -68,10 +68,19 @@ def collective_traffic(hlo_text: str, n_devices: int) -> dict[str, Any]:
         kind, arrays = m.group("kind"), _ARRAY.findall(m.group("shape"))
         if f"{kind}-start(" in line and kind in ("all-gather", "collective-permute"):
             arrays = arrays[-1:]
-        b = _arrays_bytes(arrays)
-        g = 2 if kind == "collective-permute" else _group_size(line, n_devices)
-        k = by_kind.setdefault(kind, {"count": 0, "result_bytes": 0, "bytes_sent": 0.0})
+        ops.append({"kind": kind, "group": 2 if kind == "collective-permute" else _group_size(line, n_devices),
+                    "arrays": [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in arrays]})
+    return ops
+
+
+def collective_traffic(hlo_text: str, n_devices: int) -> dict[str, Any]:
+    """``{"bytes_sent_per_device": float, "by_kind": {kind: {"count", "result_bytes",
+    "bytes_sent"}}}`` for one compiled module's text (``compiled.as_text()``)."""
+    by_kind: dict[str, dict[str, float]] = {}
+    for op in collective_ops(hlo_text, n_devices):
+        b = _arrays_bytes([(t, ",".join(map(str, dims))) for t, dims in op["arrays"]])
+        k = by_kind.setdefault(op["kind"], {"count": 0, "result_bytes": 0, "bytes_sent": 0.0})
         k["count"] += 1
         k["result_bytes"] += b
-        k["bytes_sent"] += _sent(kind, b, g)
+        k["bytes_sent"] += _sent(op["kind"], b, op["group"])
     return {"bytes_sent_per_device": sum(k["bytes_sent"] for k in by_kind.values()), "by_kind": by_kind}

@@ -24,6 +24,7 @@ per step are read from the compiled HLO's collectives (:mod:`recjax.train.collec
 
 from __future__ import annotations
 
+import pathlib
 import platform
 import time
 from importlib import metadata
@@ -42,13 +43,20 @@ from recjax.train.state import TrainSetup, describe_model, grouped_params, inspe
 from recjax.train.step import make_train_step
 
 
-def compile_report(cfg: Config) -> dict[str, Any]:
+def compile_report(cfg: Config, hlo_path: str | None = None) -> dict[str, Any]:
+    """Compile the train step for ``cfg``'s mesh and report memory, FLOPs and collectives;
+    ``hlo_path``: also write the optimized HLO text there."""
     setup = inspection_setup(cfg)
     info = describe_model(setup)
     t0 = time.perf_counter()
     lowered = make_train_step(setup).lower(setup.abstract_state, setup.abstract_batch())
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    if hlo_path:
+        path = pathlib.Path(hlo_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(hlo)
     mem = flops_lib.memory_report(compiled)
     analytic = info["train_flops_per_example"] * cfg.data.global_batch / setup.n_devices
     estimate = analytic_memory(setup, info)
@@ -66,7 +74,7 @@ def compile_report(cfg: Config) -> dict[str, Any]:
         "analytic_memory_per_device": estimate,
         "xla_over_analytic_memory": mem.get("total", float("nan")) / estimate["total"],
         "xla_flops_per_device": flops_lib.xla_flops(compiled),
-        "collectives_per_device": collective_traffic(compiled.as_text(), setup.n_devices),
+        "collectives_per_device": collective_traffic(hlo, setup.n_devices),
         "analytic_train_flops_per_device": analytic,
         "compile_seconds": seconds,
         "versions": {
