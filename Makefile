@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install train test lint clean
+.PHONY: install train test lint clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# On a GPU host (no network, no venv: the host's jax/flax/optax; WHEELS = carried packages).
+GPU_OUT ?= gpu_check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m recjax.cli bench gpu-check --out $(GPU_OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check recjax tests launch

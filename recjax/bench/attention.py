@@ -7,6 +7,9 @@ plus the allocator's process-wide peak so far on GPU) each of
 - ``softmax_cudnn``: the same with ``implementation="cudnn"`` (GPU only);
 - ``reference``, ``xla``, ``pallas``, ``interpret``: ``linear_attention`` with that ``impl``
   (``pallas`` on GPU only; ``interpret`` is for tiny checks, never a default),
+- ``fla``: flash-linear-attention's ``chunk_linear_attn`` (PyTorch + Triton, causal only, no
+  feature map: the plain kernel) on the same shapes, timed with CUDA events; GPU only, where
+  ``torch`` and ``fla`` import (else a skipped row saying why),
 
 forward (``fwd``) and forward + backward (``fwd+bwd``: the gradient of ``sum(out)`` w.r.t.
 q, k and v), causal and not, on random ``[batch, seq, heads, head_dim]`` inputs. The
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 QUADRATIC = ("softmax", "reference")
-GPU_ONLY = ("pallas", "softmax_cudnn")
+GPU_ONLY = ("pallas", "softmax_cudnn", "fla")
 
 
 def default_impls(on_gpu: bool) -> tuple[str, ...]:
@@ -94,8 +97,17 @@ def bench_attention(
                         if row["op"] == "linear_attention":
                             row["feature_map"] = feature_map
                         reason = _skip_reason(impl, mode, on_gpu, batch * heads * seq * seq, cap)
+                        if impl == "fla" and not reason:
+                            reason = _fla_missing(is_causal)
                         if reason:
                             rows.append({**row, "skipped": reason})
+                            continue
+                        if impl == "fla":
+                            try:
+                                row["median_ms"] = _fla_ms(shape, dtype, mode, warmup, repeats)
+                            except Exception as e:
+                                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            rows.append(row)
                             continue
                         fn = _step(impl, is_causal, mode, feature_map)
                         try:
@@ -109,6 +121,48 @@ def bench_attention(
                         rows.append(row)
             del qkv
     return rows
+
+
+def _fla_missing(causal: bool) -> str | None:
+    if not causal:
+        return "flash-linear-attention's chunk_linear_attn is causal only"
+    try:
+        import torch
+        from fla.ops.linear_attn import chunk_linear_attn  # noqa: F401
+    except Exception as e:  # not installed, or an incompatible build
+        return f"flash-linear-attention not importable ({type(e).__name__}: {str(e)[:120]})"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def _fla_ms(shape: tuple[int, ...], dtype: str, mode: str, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``chunk_linear_attn`` on ``[B, T, H, d]`` inputs (CUDA events)."""
+    import statistics
+
+    import torch
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dt, requires_grad=mode != "fwd") for _ in range(3))
+
+    def once():
+        out = chunk_linear_attn(q, k, v, normalize=False)
+        out = out[0] if isinstance(out, tuple) else out
+        if mode != "fwd":
+            out.float().sum().backward()
+
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def _default_cap(on_gpu: bool) -> int:
