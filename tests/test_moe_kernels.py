@@ -211,23 +211,52 @@ def test_pallas_kernels_lower_to_triton():
     fwd = lambda x, w, g: grouped_matmul_pallas(x, w, g, preferred_element_type=jnp.float32)
     bwd = jax.grad(lambda x, w, g: fwd(x, w, g).sum(), (0, 1))
     # moe_ffn on bf16 tokens with fp32 parameters, P=4 sets folded into 4*8 groups
-    params = [(4, 32, 8), (4, 8, 32, 48), (4, 8, 32, 48), (4, 8, 48, 32)]
+    params = [(4, 32, 8), (4, 8, 32, 2, 48), (4, 8, 48, 32)]
     moe_args = [sds((4, 64, 32), jnp.bfloat16), *(sds(s, jnp.float32) for s in params)]
     moe = lambda *a: moe_ffn(*a, 2, impl="pallas")[0].astype(jnp.float32).sum()
-    moe_grad = jax.grad(moe, argnums=tuple(range(5)))
+    moe_grad = jax.grad(moe, argnums=tuple(range(4)))
     ctx = contextlib.nullcontext()
     if hasattr(jax.sharding, "AbstractDevice"):  # jax >= 0.11: name the GPU to lower for
         dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
         ctx = jax.sharding.use_abstract_mesh(
             jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
         )
-    # backward of one grouped matmul: dx kernel + transposed (dw) kernel; moe_ffn: two grouped
-    # matmuls forward, and the backward also needs the forward activations
+    # backward of one grouped matmul: dx kernel + transposed (dw) kernel; moe_ffn: the fused
+    # gate/up SwiGLU kernel and the down grouped matmul forward; with the backward, the fused
+    # kernel (also saving its pre-activation), the down matmul, and dx + dw kernels for each
     cases = ((fwd, gmm_args, 1), (bwd, gmm_args, 2), (moe, moe_args, 2), (moe_grad, moe_args, 6))
     with ctx:
         for fn, args, calls in cases:
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("__gpu$xla.gpu.triton") == calls
+
+
+def test_grouped_matmul_with_one_implementation_per_pass():
+    """impl=(forward, dx, dw): the forward of one implementation and each gradient from another
+    give the single-implementation results."""
+    rng = np.random.default_rng(5)
+    m, k, n, sizes = GMM_CASES[0]
+    x, w, cot = _rand(rng, (m, k)), _rand(rng, (len(sizes), k, n)), _rand(rng, (m, n))
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    def grads(impl):
+        loss = lambda x, w: jnp.sum(grouped_matmul(x, w, gs, impl=impl, cfg=SMALL_BLOCKS) * cot)
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
+    (l0, (dx0, dw0)), (l1, (dx1, dw1)) = grads("reference"), grads(("xla", "interpret", "tokamax"))
+    _close(l1, l0, 1e-5)
+    _close(dx1, dx0, 1e-4)
+    _close(dw1, dw0, 1e-4)
+    with pytest.raises(ValueError, match="per-pass impl"):
+        grouped_matmul(x, w, gs, impl=("xla", "xla"))
+
+
+def test_auto_blocks_follow_the_mean_group_size():
+    from recjax.kernels.grouped_matmul_pallas import auto_blocks
+
+    assert auto_blocks(16384 * 2, 512, 1024, 8) == (128, 128, 64, 8)  # large groups: big tiles
+    assert auto_blocks(4096, 512, 1024, 256) == (16, 128, 64, 4)  # 16 rows per group
+    assert auto_blocks(100, 24, 40, 4) == (32, 64, 32, 4)  # capped at the dims' powers of two
 
 
 def test_grouped_matmul_rejects_bad_input():
@@ -243,7 +272,7 @@ def test_grouped_matmul_rejects_bad_input():
 
 
 def _moe_inputs(rng, p, n, d, e, f, dtype=jnp.float32):
-    shapes = [(n, d), (d, e), (e, d, f), (e, d, f), (e, f, d)]
+    shapes = [(n, d), (d, e), (e, d, 2, f), (e, f, d)]
     return [_rand(rng, (p, *s) if p else s, dtype, 0.5) for s in shapes]
 
 
@@ -253,7 +282,7 @@ def _moe_loss(impl, k, gate="softmax"):
         cot = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
         return jnp.sum(y.astype(jnp.float32) * cot) + stats["load_balance_loss"], (y, stats)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(4)), has_aux=True))
 
 
 MOE_CASES = [(3, "softmax"), (None, "relu")]  # batched [P, ...] and unbatched forms
@@ -279,7 +308,7 @@ def test_moe_ffn_matches_reference_forward_and_backward(impl, case):
     for key in st0:
         assert st[key].shape == st0[key].shape == (per_expert if key != "load_balance_loss" else ())
         _close(st[key], st0[key], 1e-6)
-    for g, g0 in zip(grads, grads0, strict=True):  # x, router, gate, up, down
+    for g, g0 in zip(grads, grads0, strict=True):  # x, router, gate|up, down
         _close(g, g0, 1e-4 if impl == "interpret" else 1e-5)
     assert np.abs(np.asarray(grads0[1])).max() > 0  # the router gets a gradient
 
@@ -301,7 +330,7 @@ def test_moe_ffn_bfloat16_matches_float64():
         _close(y, y0, 1e-2)
 
 
-def _np_moe(x, router_w, w_gate, w_up, w_down, k):
+def _np_moe(x, router_w, w_gate_up, w_down, k):
     """float64 numpy SwiGLU MoE with softmax-over-selected gates, batched over P."""
     logits = np.einsum("pnd,pde->pne", x, router_w)
     ids = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
@@ -311,7 +340,7 @@ def _np_moe(x, router_w, w_gate, w_up, w_down, k):
     y = np.zeros_like(x)
     for p, n, j in np.ndindex(*ids.shape):
         e = ids[p, n, j]
-        hg, hu = x[p, n] @ w_gate[p, e], x[p, n] @ w_up[p, e]
+        hg, hu = x[p, n] @ w_gate_up[p, e, :, 0], x[p, n] @ w_gate_up[p, e, :, 1]
         y[p, n] += g[p, n, j] * ((hg / (1 + np.exp(-hg)) * hu) @ w_down[p, e])
     return y
 
@@ -319,26 +348,29 @@ def _np_moe(x, router_w, w_gate, w_up, w_down, k):
 @pytest.mark.parametrize("impl", ["dense", "xla"])
 def test_moe_ffn_with_all_experts_is_the_dense_softmax_mixture(impl):
     rng = np.random.default_rng(7)
-    x, rw, wg, wu, wd = (
+    x, rw, wgu, wd = (
         np.asarray(a, np.float64) for a in _moe_inputs(rng, 2, n=8, d=8, e=4, f=16)
     )
+    wg, wu = wgu[..., 0, :], wgu[..., 1, :]
     logits = np.einsum("pnd,pde->pne", x, rw)
     soft = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     hg, hu = np.einsum("pnd,pedf->pnef", x, wg), np.einsum("pnd,pedf->pnef", x, wu)
     experts = np.einsum("pnef,pefd->pned", hg / (1 + np.exp(-hg)) * hu, wd)
     y, _ = jax.jit(functools.partial(moe_ffn, k=4, impl=impl))(
-        *(jnp.asarray(a, jnp.float32) for a in (x, rw, wg, wu, wd))
+        *(jnp.asarray(a, jnp.float32) for a in (x, rw, wgu, wd))
     )
     _close(y, np.einsum("pne,pned->pnd", soft, experts), 1e-5)
 
 
 def test_moe_ffn_rejects_bad_shapes():
     rng = np.random.default_rng(8)
-    x, rw, wg, wu, wd = _moe_inputs(rng, 2, n=4, d=8, e=3, f=4)
+    x, rw, wgu, wd = _moe_inputs(rng, 2, n=4, d=8, e=3, f=4)
     with pytest.raises(ValueError, match="w_down does not fit"):
-        moe_ffn(x, rw, wg, wu, wd[:, :, :, :4], 1)
+        moe_ffn(x, rw, wgu, wd[:, :, :, :4], 1)
+    with pytest.raises(ValueError, match="w_gate_up does not fit"):
+        moe_ffn(x, rw, wgu.reshape(2, 3, 8, 8), wd, 1)
     with pytest.raises(ValueError, match="impl must be one of"):
-        moe_ffn(x, rw, wg, wu, wd, 1, impl="triton")
+        moe_ffn(x, rw, wgu, wd, 1, impl="triton")
 
 
 def test_moe_ffn_flops_and_xla_cost_analysis():
@@ -372,15 +404,15 @@ from recjax.kernels.moe import moe_ffn
 mesh = make_mesh(MeshConfig(data=2, tensor=2))
 rng = np.random.default_rng(0)
 P, N, D, E, F, k = 4, 16, 8, 4, 8, 2
-shapes = [(P, N, D), (P, D, E), (P, E, D, F), (P, E, D, F), (P, E, F, D)]
+shapes = [(P, N, D), (P, D, E), (P, E, D, 2, F), (P, E, F, D)]
 args = [jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32) for s in shapes]
-specs = [PS("tensor", "data")] + [PS("tensor")] * 4
+specs = [PS("tensor", "data")] + [PS("tensor")] * 3
 sharded = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
 for impl in ("dense", "xla"):
     def loss(x, *p):
         y, st = moe_ffn(x, *p, k, impl=impl)
         return jnp.sum(y * jnp.cos(jnp.arange(D))) + st["load_balance_loss"], y
-    f = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True))
+    f = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(4)), has_aux=True))
     (l0, y0), g0 = f(*args)
     (l1, y1), g1 = f(*sharded)
     assert not y1.sharding.is_fully_replicated, y1.sharding

@@ -18,7 +18,7 @@ mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2
 P, N, D, E, F, k = 2, 64, 16, 8, 8, 2
 ks = jax.random.split(jax.random.PRNGKey(0), 5)
 args = (jax.random.normal(ks[0], (P, N, D)), jax.random.normal(ks[1], (P, D, E)),
-        *(0.3 * jax.random.normal(kk, s) for kk, s in zip(ks[2:], [(P, E, D, F), (P, E, D, F), (P, E, F, D)])))
+        *(0.3 * jax.random.normal(kk, s) for kk, s in zip(ks[2:], [(P, E, D, 2, F), (P, E, F, D)])))
 
 def objective(y, st):
     return jnp.mean(jnp.sin(y)) + st["load_balance_loss"]

@@ -87,7 +87,7 @@ def test_sp_moe_per_token_experts_get_gradient_only_from_their_token():
     xn = jnp.asarray(np.random.default_rng(2).normal(size=(3, s.tokens, s.dim)), jnp.float32)
     # jac[name][o] = d(sum of output token o) / d(param): one reverse pass per output token
     jac = jax.jit(jax.jacrev(lambda p: tml._sp_moe(s, p, xn)[0].sum(axis=(0, 2))))(p)
-    for name in ("router", "expert_gate", "expert_up", "expert_down", "shared_gate"):
+    for name in ("router", "expert_gate_up", "expert_down", "shared_gate"):
         norms = np.abs(np.asarray(jac[name])).reshape(s.tokens, s.tokens, -1).sum(-1)  # [out, param token]
         np.testing.assert_array_equal(norms == 0, ~np.eye(s.tokens, dtype=bool), err_msg=name)
 
@@ -105,8 +105,8 @@ def test_moe_with_k_equal_e_is_the_dense_softmax_mixture():
     p = {k: v[...][0] for k, v in tml.layer_params(s, nnx.Rngs(3)).items()}
     xn = jnp.asarray(np.random.default_rng(4).normal(size=(6, s.tokens, s.dim)), jnp.float32)
     probs = jax.nn.softmax(jnp.einsum("btd,tde->bte", xn, p["router"]), axis=-1)
-    hidden = jax.nn.silu(jnp.einsum("btd,tedf->btef", xn, p["expert_gate"])) * jnp.einsum(
-        "btd,tedf->btef", xn, p["expert_up"])
+    gate_up = jnp.einsum("btd,tedcf->btecf", xn, p["expert_gate_up"])
+    hidden = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     experts = jnp.einsum("btef,tefd->bted", hidden, p["expert_down"])
     dense = jnp.einsum("bte,bted->btd", probs, experts)
     dense = dense + swiglu(xn, p["shared_gate"], p["shared_up"], p["shared_down"])
@@ -123,7 +123,7 @@ def test_load_balancing_loss_hand_computed():
     """
     logits = jnp.asarray([[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
     d, f = 2, 4
-    w = jnp.ones((2, d, f)), jnp.ones((2, d, f)), jnp.ones((2, f, d))
+    w = jnp.ones((2, d, 2, f)), jnp.ones((2, f, d))
     _, stats = moe_kernels.moe_ffn(logits, jnp.eye(2), *w, 1, impl="reference")
     np.testing.assert_allclose(stats["expert_fraction"], [0.75, 0.25])
     sig = 1 / (1 + np.exp(-np.array([2.0, 1.0, 0.5, -1.0])))
@@ -152,7 +152,7 @@ def test_routed_set_is_top_k_minus_one_with_the_shared_expert(monkeypatch):
     fs = features()
     calls = []
     moe_ffn = moe_kernels.moe_ffn
-    monkeypatch.setattr(moe_kernels, "moe_ffn", lambda *a, **k: calls.append((a[5], k["scale"])) or moe_ffn(*a, **k))
+    monkeypatch.setattr(moe_kernels, "moe_ffn", lambda *a, **k: calls.append((a[4], k["scale"])) or moe_ffn(*a, **k))
     for shared, routed in ((True, 2), (False, 3)):
         cfg = make_cfg({**TM_SMALL, "moe_experts": 4, "moe_top_k": 3, "moe_shared_expert": shared})
         s = tml.shapes_of(cfg)
@@ -216,6 +216,7 @@ def test_swiglu_init_is_xavier_with_small_down_projections():
     cfg = make_cfg({**TM_SMALL, "num_tokens": 8, "dim": 64, "num_heads": 8, "moe_experts": 4, "moe_top_k": 2})
     s = tml.shapes_of(cfg)
     p = {k: np.asarray(v[...]) for k, v in tml.layer_params(s, nnx.Rngs(0)).items()}
+    p["expert_gate"], p["expert_up"] = p["expert_gate_up"][..., 0, :], p["expert_gate_up"][..., 1, :]
     for name in ("mix", "expert", "shared"):
         for part, scale in (("gate", 1.0), ("up", 1.0), ("down", 0.01)):
             w = p[f"{name}_{part}"]
@@ -251,7 +252,7 @@ def test_ablation_switches(name):
     if name == "mix_revert":  # T banks of width D instead of H banks of width T*D/H
         assert shapes["mix_gate"][1:3] == (4, 16)
     elif name in ("shared_swiglu", "standard_moe"):
-        key = "tok_gate" if name == "shared_swiglu" else "expert_gate"
+        key = "tok_gate" if name == "shared_swiglu" else "expert_gate_up"
         assert len(shapes[key]) == len(ref[key]) - 1  # no token axis
     elif name == "no_aux_loss":  # no auxiliary head, so nothing for the task to score
         assert "aux_logits" not in aux and "aux_logits_weight" not in aux and not hasattr(model, "aux_head")
@@ -422,7 +423,7 @@ from recjax.train.state import build_setup
 cfg = load_config("configs/models/tokenmixer_large_tiny.yaml", ["mesh.data=2", "mesh.tensor=2", "mesh.expert=2",
                   "mesh.rules.tokens=[tensor]", "model.moe_experts=4"])
 s = build_setup(cfg).state_shardings["params"]["layers"]
-print(tuple(s["expert_gate"].spec), tuple(s["tok_norm"].spec))
+print(tuple(s["expert_gate_up"].spec), tuple(s["tok_norm"].spec))
 """
     out = run_python(code, devices=8)
-    assert "(None, 'tensor', 'expert', None, None) (None, 'tensor', None)" in out
+    assert "(None, 'tensor', 'expert', None, None, None) (None, 'tensor', None)" in out

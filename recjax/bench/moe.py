@@ -134,7 +134,7 @@ def _cases(
 
 def _inputs(key, e, k, tokens, d, f, dtype):
     """Group sizes of random top-k routing, sorted rows and a weight for the grouped matmul,
-    and ``(x, router_w, w_gate, w_up, w_down)`` for ``moe_ffn``."""
+    and ``(x, router_w, w_gate_up, w_down)`` for ``moe_ffn``."""
     import jax
 
     from recjax.kernels.moe import route
@@ -146,8 +146,7 @@ def _inputs(key, e, k, tokens, d, f, dtype):
     args = (
         normal((tokens, d)),
         normal((d, e), d**-0.5),
-        normal((e, d, f), d**-0.5),
-        normal((e, d, f), d**-0.5),
+        normal((e, d, 2, f), d**-0.5),
         normal((e, f, d), f**-0.5),
     )
     return group_sizes, xs, w, args

@@ -17,12 +17,24 @@ past the last real tile return at once. A per-tile table (group, first row, end 
 computed with ``jnp`` outside the kernel and read as scalars inside it. Each program runs a
 ``fori_loop`` over ``cdiv(K, block_k)`` blocks of the contraction, accumulating in fp32.
 
+Grid order: Pallas maps grid dimension 0 to Triton's program id 0, the fastest in launch
+order, so the grid is ``(N tiles, row tiles)``: the programs of one row tile run together and
+read its ``x`` tile from L2 after the first, and consecutive row tiles of a group share
+``w[g]`` (a few MB) in L2, instead of streaming all of ``x`` once per N tile.
+
+Fused SwiGLU (:func:`grouped_swiglu_pallas`): with ``w = [W_gate | W_up]`` ``[G, K, 2F]`` (gate
+columns first), each program accumulates the gate and the up tile of its columns and writes
+``silu(gate) * up`` in the output dtype, so the ``[M, 2F]`` pre-activation never reaches
+memory in the forward pass; under differentiation the forward also stores it in the input
+dtype for the backward (``dh`` from it, then the two matmul gradients below).
+
 Backward (``jax.custom_vjp``; ``pallas_call`` has no transpose rule):
 
 - ``dx = dy @ w[g]^T`` per row: the same kernel reading ``w`` transposed (no copy of ``w``);
-- ``dw[g] = x_g^T dy_g``, a *transposed grouped matmul*: grid ``(G, cdiv(K, block_k),
-  cdiv(N, block_n))``, each program loops over its group's rows in blocks of ``block_m``;
-  empty groups write zeros.
+- ``dw[g] = x_g^T dy_g``, a *transposed grouped matmul*: grid ``(cdiv(N, block_n),
+  cdiv(K, block_k), G)``, group-major (all tiles of one group run together and share its rows
+  of ``x`` and ``dy`` in L2); each program loops over its group's rows in blocks of
+  ``block_m``; empty groups write zeros.
 
 Block sizes are powers of two >= 16 (Triton's ``tl.dot`` minimum; interpret mode does not
 check this). The in-kernel ``dot_general`` takes ``precision``: the default runs fp32 inputs
@@ -30,7 +42,10 @@ as TF32 on GPU, ``jax.lax.Precision.HIGHEST`` asks for IEEE fp32. ``compiler_par
 passed explicitly as ``jax.experimental.pallas.triton.CompilerParams`` (same name and fields,
 ``num_warps`` and ``num_stages``, on jax 0.10.2 and 0.11.2), which selects the Triton backend
 on GPU. jax 0.11 warns that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
-The default blocks (64 x 64 x 32, 4 warps, 3 stages) are untuned.
+Blocks left unset in :class:`GmmConfig` come from the shape (:func:`auto_blocks`): ``block_m``
+from the mean group size ``M / G`` (16..128: small groups waste less of a tile), ``block_n``
+128 and ``block_k`` 64 where the dims allow, 8 warps for 128 x 128 tiles; a choice by tile
+occupancy, not yet tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -46,12 +61,13 @@ from jax.experimental.pallas import triton as plgpu
 
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
-    """Static kernel settings (hashable: a ``custom_vjp`` non-differentiable argument)."""
+    """Static kernel settings (hashable: a ``custom_vjp`` non-differentiable argument); blocks
+    and warps left ``None`` are chosen per call by :func:`auto_blocks`."""
 
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    num_warps: int = 4
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    num_warps: int | None = None
     num_stages: int = 3
     precision: jax.lax.Precision | None = None
     interpret: bool = False
@@ -59,19 +75,33 @@ class GmmConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             b = getattr(self, name)
-            if b < 16 or b & (b - 1):
+            if b is not None and (b < 16 or b & (b - 1)):
                 raise ValueError(
                     f"grouped matmul: {name}={b} must be a power of two >= 16 (Triton)"
                 )
 
 
-def _block(requested: int, dim: int) -> int:
-    """``requested``, capped at the power of two covering ``dim``, and at least 16."""
-    return max(16, min(requested, pl.next_power_of_2(max(dim, 1))))
+def auto_blocks(m: int, k: int, n: int, groups: int) -> tuple[int, int, int, int]:
+    """``(block_m, block_n, block_k, num_warps)`` for ``[m, k] x [groups, k, n]``."""
+    mean_group = max(1, m // max(groups, 1))
+    bm = min(128, max(16, pl.next_power_of_2(mean_group)))
+    bn = min(128, max(16, pl.next_power_of_2(n)))
+    bk = min(64, max(16, pl.next_power_of_2(k)))
+    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4
 
 
-def _compiler_params(cfg: GmmConfig) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _blocks(cfg: GmmConfig, m: int, k: int, n: int, groups: int) -> tuple[int, int, int, int]:
+    """The configured blocks where set (capped at the power of two covering the dim, >= 16),
+    else :func:`auto_blocks`."""
+    auto = auto_blocks(m, k, n, groups)
+    cap = lambda b, dim: max(16, min(b, pl.next_power_of_2(max(dim, 1))))
+    chosen = [cap(b if b is not None else a, dim) for b, a, dim in
+              zip((cfg.block_m, cfg.block_n, cfg.block_k), auto[:3], (m, n, k), strict=True)]
+    return (*chosen, cfg.num_warps or auto[3])
+
+
+def _compiler_params(cfg: GmmConfig, warps: int) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
 def _tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]:
@@ -106,8 +136,7 @@ def _gmm_kernel(
     row_end_ref,
     x_ref,
     w_ref,
-    o_ref,
-    *,
+    *out_refs,
     num_groups,
     k_dim,
     n_dim,
@@ -115,41 +144,66 @@ def _gmm_kernel(
     bn,
     bk,
     transpose_rhs,
+    swiglu,
     precision,
 ):
-    t, j = pl.program_id(0), pl.program_id(1)
+    j, t = pl.program_id(0), pl.program_id(1)
     g, row0, row_end = grp_ref[t], row0_ref[t], row_end_ref[t]
     rows, cols = pl.ds(row0, bm), pl.ds(j * bn, bn)
     row_ok = row0 + jnp.arange(bm, dtype=jnp.int32) < row_end
     col_ok = j * bn + jnp.arange(bn, dtype=jnp.int32) < n_dim
     out_mask = row_ok[:, None] & col_ok[None, :]
+    o_ref = out_refs[0]
+    h_ref = out_refs[1] if len(out_refs) > 1 else None  # swiglu: [gate | up] pre-activations
+
+    def load_w(ks, k_ok, offset):
+        if transpose_rhs:  # w [G, N, K]: contract its last dim
+            return plgpu.load(w_ref.at[g, cols, ks], mask=col_ok[:, None] & k_ok[None, :], other=0)
+        cs = pl.ds(offset + j * bn, bn)
+        return plgpu.load(w_ref.at[g, ks, cs], mask=k_ok[:, None] & col_ok[None, :], other=0)
 
     @pl.when((row_end > row0) & (g < num_groups))
     def _compute():
-        def body(i, acc):
+        def body(i, accs):
             ks = pl.ds(i * bk, bk)
             k_ok = i * bk + jnp.arange(bk, dtype=jnp.int32) < k_dim
             a = plgpu.load(x_ref.at[rows, ks], mask=row_ok[:, None] & k_ok[None, :], other=0)
-            if transpose_rhs:  # w [G, N, K]: contract its last dim
-                b = plgpu.load(w_ref.at[g, cols, ks], mask=col_ok[:, None] & k_ok[None, :], other=0)
-            else:
-                b = plgpu.load(w_ref.at[g, ks, cols], mask=k_ok[:, None] & col_ok[None, :], other=0)
-            return acc + _dot(a, b, 1, 1 if transpose_rhs else 0, precision)
+            contract = 1 if transpose_rhs else 0
+            # swiglu: the gate columns [0, F) and the up columns [F, 2F) of the same tile
+            return tuple(acc + _dot(a, load_w(ks, k_ok, part * n_dim), 1, contract, precision)
+                         for part, acc in enumerate(accs))
 
-        acc = jax.lax.fori_loop(0, pl.cdiv(k_dim, bk), body, jnp.zeros((bm, bn), jnp.float32))
-        plgpu.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=out_mask)
+        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(2 if swiglu else 1))
+        accs = jax.lax.fori_loop(0, pl.cdiv(k_dim, bk), body, zeros)
+        if swiglu:
+            gate, up = accs
+            plgpu.store(o_ref.at[rows, cols], (jax.nn.silu(gate) * up).astype(o_ref.dtype), mask=out_mask)
+            if h_ref is not None:
+                plgpu.store(h_ref.at[rows, cols], gate.astype(h_ref.dtype), mask=out_mask)
+                plgpu.store(h_ref.at[rows, pl.ds(n_dim + j * bn, bn)], up.astype(h_ref.dtype), mask=out_mask)
+        else:
+            plgpu.store(o_ref.at[rows, cols], accs[0].astype(o_ref.dtype), mask=out_mask)
 
     @pl.when((row_end > row0) & (g == num_groups))
     def _zero_tail():
-        plgpu.store(o_ref.at[rows, cols], jnp.zeros((bm, bn), o_ref.dtype), mask=out_mask)
+        zero = jnp.zeros((bm, bn), o_ref.dtype)
+        plgpu.store(o_ref.at[rows, cols], zero, mask=out_mask)
+        if h_ref is not None:
+            plgpu.store(h_ref.at[rows, cols], zero.astype(h_ref.dtype), mask=out_mask)
+            plgpu.store(h_ref.at[rows, pl.ds(n_dim + j * bn, bn)], zero.astype(h_ref.dtype), mask=out_mask)
 
 
-def _gmm_call(x, w, group_sizes, out_dtype, cfg: GmmConfig, *, transpose_rhs: bool):
-    """``out[m] = x[m] @ w[g(m)]`` (``w [G, K, N]``), or ``x[m] @ w[g(m)].T`` (``w [G, N, K]``)."""
+def _gmm_call(x, w, group_sizes, out_dtype, cfg: GmmConfig, *, transpose_rhs: bool, swiglu: bool = False,
+              save_pre_activation: bool = False):
+    """``out[m] = x[m] @ w[g(m)]`` (``w [G, K, N]``), or ``x[m] @ w[g(m)].T`` (``w [G, N, K]``);
+    ``swiglu``: ``w [G, K, 2F]`` and ``out = silu(x W_gate) * (x W_up)`` ``[M, F]`` (plus the
+    ``[M, 2F]`` pre-activation in ``x.dtype`` if ``save_pre_activation``)."""
     m, k_dim = x.shape
     g = w.shape[0]
     n_dim = w.shape[1] if transpose_rhs else w.shape[2]
-    bm, bn, bk = _block(cfg.block_m, m), _block(cfg.block_n, n_dim), _block(cfg.block_k, k_dim)
+    if swiglu:
+        n_dim //= 2
+    bm, bn, bk, warps = _blocks(cfg, m, k_dim, n_dim, g)
     table = _tile_table(group_sizes, m, bm)
     kernel = functools.partial(
         _gmm_kernel,
@@ -160,20 +214,25 @@ def _gmm_call(x, w, group_sizes, out_dtype, cfg: GmmConfig, *, transpose_rhs: bo
         bn=bn,
         bk=bk,
         transpose_rhs=transpose_rhs,
+        swiglu=swiglu,
         precision=cfg.precision,
     )
-    return pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((m, n_dim), out_dtype)]
+    if save_pre_activation:
+        out_shape.append(jax.ShapeDtypeStruct((m, 2 * n_dim), x.dtype))
+    outs = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n_dim), out_dtype),
-        grid=(table[0].shape[0], pl.cdiv(n_dim, bn)),
-        compiler_params=_compiler_params(cfg),
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_dim, bn), table[0].shape[0]),
+        compiler_params=_compiler_params(cfg, warps),
         interpret=cfg.interpret,
-        name="grouped_matmul_t" if transpose_rhs else "grouped_matmul",
+        name="grouped_swiglu" if swiglu else "grouped_matmul_t" if transpose_rhs else "grouped_matmul",
     )(*table, x, w)
+    return outs if save_pre_activation else outs[0]
 
 
 def _tgmm_kernel(start_ref, size_ref, x_ref, dy_ref, o_ref, *, k_dim, n_dim, bm, bk, bn, precision):
-    g, r, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    c, r, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, size = start_ref[g], size_ref[g]
     ks, cols = pl.ds(r * bk, bk), pl.ds(c * bn, bn)
     k_ok = r * bk + jnp.arange(bk, dtype=jnp.int32) < k_dim
@@ -197,7 +256,7 @@ def transposed_grouped_matmul(x, dy, group_sizes, out_dtype, cfg: GmmConfig) -> 
     m, k_dim = x.shape
     n_dim = dy.shape[1]
     g = group_sizes.shape[0]
-    bm, bn, bk = _block(cfg.block_m, m), _block(cfg.block_n, n_dim), _block(cfg.block_k, k_dim)
+    bm, bn, bk, warps = _blocks(cfg, m, k_dim, n_dim, g)
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
     kernel = functools.partial(
@@ -206,8 +265,8 @@ def transposed_grouped_matmul(x, dy, group_sizes, out_dtype, cfg: GmmConfig) -> 
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g, k_dim, n_dim), out_dtype),
-        grid=(g, pl.cdiv(k_dim, bk), pl.cdiv(n_dim, bn)),
-        compiler_params=_compiler_params(cfg),
+        grid=(pl.cdiv(n_dim, bn), pl.cdiv(k_dim, bk), g),
+        compiler_params=_compiler_params(cfg, warps),
         interpret=cfg.interpret,
         name="transposed_grouped_matmul",
     )(starts, sizes, x, dy)
@@ -231,6 +290,56 @@ def _gmm_bwd(out_dtype, cfg, res, dy):
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_swiglu(x, w, group_sizes, out_dtype, cfg):
+    return _gmm_call(x, w, group_sizes, out_dtype, cfg, transpose_rhs=False, swiglu=True)
+
+
+def _gmm_swiglu_fwd(x, w, group_sizes, out_dtype, cfg):
+    out, h = _gmm_call(x, w, group_sizes, out_dtype, cfg, transpose_rhs=False, swiglu=True,
+                       save_pre_activation=True)
+    return out, (x, w, group_sizes, h)
+
+
+def _gmm_swiglu_bwd(out_dtype, cfg, res, da):
+    x, w, group_sizes, h = res
+    f = h.shape[1] // 2
+    gate, up, da = h[:, :f].astype(jnp.float32), h[:, f:].astype(jnp.float32), da.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    dgate = da * up * sig * (1.0 + gate * (1.0 - sig))  # d silu(g) / dg = sig (1 + g (1 - sig))
+    dh = jnp.concatenate([dgate, da * gate * sig], axis=1).astype(x.dtype)
+    dx = _gmm_call(dh, w, group_sizes, x.dtype, cfg, transpose_rhs=True)
+    dw = transposed_grouped_matmul(x, dh, group_sizes, w.dtype, cfg)
+    return dx, dw, None
+
+
+_gmm_swiglu.defvjp(_gmm_swiglu_fwd, _gmm_swiglu_bwd)
+
+
+def grouped_swiglu_pallas(
+    x: jax.Array,
+    w_gate_up: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    cfg: GmmConfig = GmmConfig(),
+) -> jax.Array:
+    """``silu(x[m] @ W_gate[g]) * (x[m] @ W_up[g])`` for ``x [M, K]`` and ``w_gate_up [G, K, 2F]``
+    (gate columns first) -> ``[M, F]`` in ``preferred_element_type`` (default ``x.dtype``), fused
+    in one kernel (see module doc); rows past ``sum(group_sizes)`` are zero."""
+    if x.ndim != 2 or w_gate_up.ndim != 3 or w_gate_up.shape[2] % 2 or group_sizes.shape != (w_gate_up.shape[0],):
+        raise ValueError(
+            f"grouped swiglu: expected x [M, K], w_gate_up [G, K, 2F], group_sizes [G]; got x {x.shape}, "
+            f"w_gate_up {w_gate_up.shape}, group_sizes {group_sizes.shape}"
+        )
+    if x.shape[1] != w_gate_up.shape[1]:
+        raise ValueError(f"grouped swiglu: x has K={x.shape[1]} but w_gate_up has K={w_gate_up.shape[1]}")
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    if x.shape[0] == 0:
+        return jnp.zeros((0, w_gate_up.shape[2] // 2), out_dtype)
+    return _gmm_swiglu(x, w_gate_up.astype(x.dtype), group_sizes, out_dtype, cfg)
 
 
 def grouped_matmul_pallas(

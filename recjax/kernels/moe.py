@@ -8,7 +8,10 @@ each set has its own router and experts, and routes its own ``N`` tokens).
 - :func:`permute` / :func:`unpermute` -- sort the ``N*k`` token copies by expert and back,
   with the weighted combine in fp32 (both backward passes are gathers, see below).
 - :func:`grouped_matmul` -- ``out[m] = x[m] @ w[g(m)]`` over expert-sorted rows.
-- :func:`moe_ffn` -- the SwiGLU expert layer built from them.
+- :func:`moe_ffn` -- the SwiGLU expert layer built from them, with the gate and up weights
+  stored pre-concatenated as ``w_gate_up [.., D, 2, F]`` (``[.., D, 2F]`` in memory: no copy
+  per call; the size-2 axis keeps each hidden unit's gate and up column on the same device
+  when ``F`` is split over devices).
 - :func:`moe_ffn_flops` -- analytic forward FLOPs.
 
 Nothing is dropped: there is no capacity factor, every token reaches its ``k`` experts.
@@ -35,7 +38,8 @@ Implementations (``impl``):
   0.0.12 works with jax 0.10.2 on Python 3.11, later releases need jax >= 0.11 and Python >=
   3.12), which picks its fastest implementation for the backend (Mosaic GPU, then Triton, then
   XLA; only XLA lowers on CPU) for the forward and the backward products alike; ``moe_ffn``
-  folds ``P`` into the groups as for ``pallas``.
+  folds ``P`` into the groups as for ``pallas``. ``grouped_matmul`` also takes one
+  implementation per pass, ``impl=(forward, dx, dw)``.
 - ``"auto"`` -- ``pallas`` on GPU; ``xla`` on TPU (native ragged dot, not measured here).
   On CPU, ``grouped_matmul`` uses ``reference`` and ``moe_ffn`` uses ``xla`` for ``k == 1``
   and ``dense`` for ``k >= 2``. Measured on 2 shared CPU cores (1024 tokens, D=64, F=128, fp32,
@@ -67,7 +71,11 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from recjax.kernels.grouped_matmul_pallas import GmmConfig, grouped_matmul_pallas
+from recjax.kernels.grouped_matmul_pallas import (
+    GmmConfig,
+    grouped_matmul_pallas,
+    grouped_swiglu_pallas,
+)
 
 Gate = Literal["softmax", "relu"]
 GmmImpl = Literal["auto", "pallas", "interpret", "xla", "tokamax", "reference"]
@@ -241,7 +249,7 @@ def grouped_matmul(
     group_sizes: jax.Array,
     *,
     preferred_element_type=None,
-    impl: GmmImpl = "auto",
+    impl: GmmImpl | tuple[GmmImpl, GmmImpl, GmmImpl] = "auto",
     cfg: GmmConfig | None = None,
 ) -> jax.Array:
     """``out[m] = x[m] @ w[g(m)]`` for expert-sorted rows: ``x [M, K]``, ``w [G, K, N]``,
@@ -251,7 +259,14 @@ def grouped_matmul(
     ``sum(group_sizes)`` are zero. Inputs are multiplied in ``x.dtype`` with fp32
     accumulation; the result has ``preferred_element_type`` (default ``x.dtype``).
     Differentiable in ``x`` and ``w``. ``cfg`` tunes the Pallas kernel (block sizes, warps).
+    ``impl`` may name one implementation per pass, ``(forward, dx, dw)``, e.g.
+    ``("pallas", "pallas", "tokamax")``: each gradient is that implementation's own VJP.
     """
+    if isinstance(impl, tuple):
+        if len(impl) != 3 or any(i not in _GMM_IMPLS for i in impl):
+            raise ValueError(f"grouped_matmul: a per-pass impl is (forward, dx, dw) from {_GMM_IMPLS}, got {impl!r}")
+        out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+        return _per_pass(x, w.astype(x.dtype), group_sizes, out_dtype, impl, cfg)
     if impl not in _GMM_IMPLS:
         raise ValueError(f"grouped_matmul: impl must be one of {_GMM_IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -266,6 +281,27 @@ def grouped_matmul(
     if impl == "tokamax":
         return _tokamax().ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=out_dtype)
     return _grouped_matmul_reference(x, w, group_sizes, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _per_pass(x, w, group_sizes, out_dtype, impls, cfg):
+    return grouped_matmul(x, w, group_sizes, preferred_element_type=out_dtype, impl=impls[0], cfg=cfg)
+
+
+def _per_pass_fwd(x, w, group_sizes, out_dtype, impls, cfg):
+    return _per_pass(x, w, group_sizes, out_dtype, impls, cfg), (x, w, group_sizes)
+
+
+def _per_pass_bwd(out_dtype, impls, cfg, res, dy):
+    x, w, group_sizes = res
+    gmm = lambda impl: lambda x, w: grouped_matmul(x, w, group_sizes, preferred_element_type=out_dtype,
+                                                   impl=impl, cfg=cfg)
+    dx = jax.vjp(lambda x: gmm(impls[1])(x, w), x)[1](dy)[0]
+    dw = jax.vjp(lambda w: gmm(impls[2])(x, w), w)[1](dy)[0]
+    return dx, dw, None
+
+
+_per_pass.defvjp(_per_pass_fwd, _per_pass_bwd)
 
 
 def _tokamax():
@@ -303,12 +339,13 @@ def resolve_moe_impl(impl: str, k: int) -> str:
     return {"gpu": "pallas", "tpu": "xla"}.get(_backend(), "xla" if k == 1 else "dense")
 
 
-def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, impl="auto"):
+def moe_ffn(x, router_w, w_gate_up, w_down, k, *, gate="softmax", scale=1.0, impl="auto"):
     """Top-``k`` SwiGLU mixture of experts, dropless.
 
     Shapes (batched over ``P`` expert sets; the unbatched forms drop the ``P`` axis)::
 
-        x [P, N, D], router_w [P, D, E], w_gate, w_up [P, E, D, F], w_down [P, E, F, D]
+        x [P, N, D], router_w [P, D, E], w_gate_up [P, E, D, 2, F] (W_gate = [..., 0, :],
+        W_up = [..., 1, :]), w_down [P, E, F, D]
 
     Equations, per set::
 
@@ -325,16 +362,17 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, 
 
     ``impl``: see the module docstring. ``P`` is never a Python loop: ``vmap`` for
     ``xla``, batched einsums for ``dense``/``reference``, folded into the group axis for
-    ``pallas``/``interpret``.
+    ``pallas``/``interpret``/``tokamax``. ``pallas`` fuses the SwiGLU into the gate/up grouped
+    GEMM (:func:`recjax.kernels.grouped_matmul_pallas.grouped_swiglu_pallas`).
     """
     unbatched = x.ndim == 2
     if unbatched:
-        x, router_w, w_gate, w_up, w_down = (a[None] for a in (x, router_w, w_gate, w_up, w_down))
-    check_moe_shapes(x, router_w, w_gate, w_up, w_down)
+        x, router_w, w_gate_up, w_down = (a[None] for a in (x, router_w, w_gate_up, w_down))
+    check_moe_shapes(x, router_w, w_gate_up, w_down)
     impl = resolve_moe_impl(impl, k)
     logits = jnp.einsum("pnd,pde->pne", x.astype(jnp.float32), router_w.astype(jnp.float32))
     r = route(logits, k, gate=gate)
-    y = expert_ffn(x, r, w_gate.astype(x.dtype), w_up.astype(x.dtype), w_down.astype(x.dtype), impl)
+    y = expert_ffn(x, r, w_gate_up.astype(x.dtype), w_down.astype(x.dtype), impl)
     y = (scale * y).astype(x.dtype)
     stats = dict(r.stats)
     if unbatched:
@@ -344,21 +382,20 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, k, *, gate="softmax", scale=1.0, 
     return y, stats
 
 
-def check_moe_shapes(x, router_w, w_gate, w_up, w_down):
+def check_moe_shapes(x, router_w, w_gate_up, w_down):
     p, n, d = x.shape if x.ndim == 3 else (None,) * 3
     e = router_w.shape[-1] if router_w.ndim == 3 else None
-    f = w_gate.shape[-1] if w_gate.ndim == 4 else None
+    f = w_gate_up.shape[-1] if w_gate_up.ndim == 5 else None
     expected = {
         "x": (x, (p, n, d)),
         "router_w": (router_w, (p, d, e)),
-        "w_gate": (w_gate, (p, e, d, f)),
-        "w_up": (w_up, (p, e, d, f)),
+        "w_gate_up": (w_gate_up, (p, e, d, 2, f)),
         "w_down": (w_down, (p, e, f, d)),
     }
     for name, (arr, shape) in expected.items():
         if None in shape or arr.shape != shape:
             raise ValueError(
-                "moe_ffn: expected x [P, N, D], router_w [P, D, E], w_gate/w_up [P, E, D, F], "
+                "moe_ffn: expected x [P, N, D], router_w [P, D, E], w_gate_up [P, E, D, 2, F], "
                 "w_down [P, E, F, D] (or all without P); got "
                 + ", ".join(f"{k} {a.shape}" for k, (a, _) in expected.items())
                 + f" ({name} does not fit)"
@@ -371,20 +408,20 @@ def _swiglu(h: jax.Array, f: int) -> jax.Array:
     return jax.nn.silu(h[..., :f]) * h[..., f:]
 
 
-def expert_ffn(x, r: Routing, w_gate, w_up, w_down, impl: str) -> jax.Array:
+def expert_ffn(x, r: Routing, w_gate_up, w_down, impl: str) -> jax.Array:
     """The expert part of :func:`moe_ffn` for a resolved ``impl`` (not ``"auto"``): ``x [P, N,
     D]``, routing ``r``, weights in ``x.dtype`` -> fp32 ``sum_j g[n,j] Expert_{ids[n,j]}(x[n])``
     ``[P, N, D]``. An expert id equal to ``E`` marks an empty copy: it is computed by no expert
     and contributes zero (the expert-parallel receive buffers use it for unfilled slots)."""
     ffn = {"dense": _moe_dense, "reference": _moe_reference}.get(impl, _moe_sorted)
-    return ffn(x, r, w_gate, w_up, w_down, impl)
+    return ffn(x, r, w_gate_up, w_down, impl)
 
 
-def _moe_sorted(x, r: Routing, w_gate, w_up, w_down, impl):
-    """permute -> grouped matmul (gate|up fused) -> SwiGLU -> grouped matmul -> unpermute."""
+def _moe_sorted(x, r: Routing, w_gate_up, w_down, impl):
+    """permute -> grouped matmul (gate|up, SwiGLU fused for pallas) -> grouped matmul -> unpermute."""
     p, n, d = x.shape
-    e, f = w_gate.shape[1], w_gate.shape[-1]
-    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [P, E, D, 2F]
+    e, f = w_gate_up.shape[1], w_gate_up.shape[-1]
+    w_gu = w_gate_up.reshape(p, e, d, 2 * f)  # [gate | up] columns, no copy
     if impl == "xla":
         xs, perm = jax.vmap(permute)(x, r.expert_ids)  # [P, N*k, D]; empty copies (id E) last
         gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl="xla")
@@ -397,29 +434,32 @@ def _moe_sorted(x, r: Routing, w_gate, w_up, w_down, impl):
     key = jnp.where(r.expert_ids < e, sets * e + r.expert_ids, p * e).reshape(p * n, k)
     xs, perm = permute(x.reshape(p * n, d), key)
     gs = r.group_sizes.reshape(p * e)
-    gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl=impl)
-    h = gmm(xs, w_gu.reshape(p * e, d, 2 * f), gs)
-    o = gmm(_swiglu(h, f).astype(x.dtype), w_down.reshape(p * e, f, d), gs)
+    w_gu = w_gu.reshape(p * e, d, 2 * f)
+    if impl in ("pallas", "interpret"):
+        cfg = GmmConfig(interpret=impl == "interpret")
+        a = grouped_swiglu_pallas(xs, w_gu, gs, preferred_element_type=x.dtype, cfg=cfg)
+    else:
+        h = grouped_matmul(xs, w_gu, gs, preferred_element_type=jnp.float32, impl=impl)
+        a = _swiglu(h, f).astype(x.dtype)
+    o = grouped_matmul(a, w_down.reshape(p * e, f, d), gs, preferred_element_type=jnp.float32, impl=impl)
     return unpermute(o, perm, r.weights.reshape(p * n, k)).reshape(p, n, d)
 
 
-def _moe_dense(x, r: Routing, w_gate, w_up, w_down, impl):
+def _moe_dense(x, r: Routing, w_gate_up, w_down, impl):
     """Every expert on every token; the sparse gate matrix ``[P, N, E]`` scales the hidden."""
-    e, f = w_gate.shape[1], w_gate.shape[-1]
+    e = w_gate_up.shape[1]
     gates = jnp.einsum("pnke,pnk->pne", jax.nn.one_hot(r.expert_ids, e), r.weights)
-    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)
-    h = jnp.einsum("pnd,pedf->pnef", x, w_gu, preferred_element_type=jnp.float32)
-    a = (_swiglu(h, f) * gates[..., None]).astype(x.dtype)
+    h = jnp.einsum("pnd,pedcf->pnecf", x, w_gate_up, preferred_element_type=jnp.float32)
+    a = (jax.nn.silu(h[..., 0, :]) * h[..., 1, :] * gates[..., None]).astype(x.dtype)
     return jnp.einsum("pnef,pefd->pnd", a, w_down, preferred_element_type=jnp.float32)
 
 
-def _moe_reference(x, r: Routing, w_gate, w_up, w_down, impl):
+def _moe_reference(x, r: Routing, w_gate_up, w_down, impl):
     """Each token's k experts' weights gathered (``[P, N, k, ...]``) and applied to it."""
     take = jax.vmap(lambda w, ids: w[ids])  # per set: [E, ...] indexed by [N, k]
     f32 = jnp.float32
-    hg = jnp.einsum("pnd,pnkdf->pnkf", x, take(w_gate, r.expert_ids), preferred_element_type=f32)
-    hu = jnp.einsum("pnd,pnkdf->pnkf", x, take(w_up, r.expert_ids), preferred_element_type=f32)
-    a = (jax.nn.silu(hg) * hu).astype(x.dtype)
+    h = jnp.einsum("pnd,pnkdcf->pnkcf", x, take(w_gate_up, r.expert_ids), preferred_element_type=f32)
+    a = (jax.nn.silu(h[..., 0, :]) * h[..., 1, :]).astype(x.dtype)
     o = jnp.einsum("pnkf,pnkfd->pnkd", a, take(w_down, r.expert_ids), preferred_element_type=f32)
     return jnp.einsum("pnk,pnkd->pnd", r.weights, o)
 

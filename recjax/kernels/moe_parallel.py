@@ -1,7 +1,7 @@
 """``moe_ffn`` partitioned by ``jax.shard_map``: expert sets, tokens and experts over mesh axes.
 
 Shapes as in :func:`recjax.kernels.moe.moe_ffn`: ``x [P, N, D]`` (``P`` expert sets of ``N``
-tokens), ``router_w [P, D, E]``, ``w_gate, w_up [P, E, D, F]``, ``w_down [P, E, F, D]``. GSPMD
+tokens), ``router_w [P, D, E]``, ``w_gate_up [P, E, D, 2, F]``, ``w_down [P, E, F, D]``. GSPMD
 cannot partition the sorted paths (a Pallas custom call, a sort along ``N``), so the layer runs
 per device inside ``shard_map`` with explicit collectives:
 
@@ -46,7 +46,7 @@ def _divide(name: str, size: int, axes: tuple[str, ...], mesh: Mesh) -> int:
     return shards
 
 
-def moe_ffn_sharded(x, router_w, w_gate, w_up, w_down, k, *, mesh: Mesh, set_axes=(), token_axes=(),
+def moe_ffn_sharded(x, router_w, w_gate_up, w_down, k, *, mesh: Mesh, set_axes=(), token_axes=(),
                     expert_axes=(), gate="softmax", scale=1.0, impl="auto", capacity_factor=0.0):
     """:func:`recjax.kernels.moe.moe_ffn` over ``mesh`` (see the module docstring).
 
@@ -57,30 +57,30 @@ def moe_ffn_sharded(x, router_w, w_gate, w_up, w_down, k, *, mesh: Mesh, set_axe
     """
     unbatched = x.ndim == 2
     if unbatched:
-        x, router_w, w_gate, w_up, w_down = (a[None] for a in (x, router_w, w_gate, w_up, w_down))
-    moe_kernels.check_moe_shapes(x, router_w, w_gate, w_up, w_down)
+        x, router_w, w_gate_up, w_down = (a[None] for a in (x, router_w, w_gate_up, w_down))
+    moe_kernels.check_moe_shapes(x, router_w, w_gate_up, w_down)
     set_axes, token_axes, expert_axes = tuple(set_axes), tuple(token_axes), tuple(expert_axes)
     _divide("P (expert sets)", x.shape[0], set_axes, mesh)
     _divide("N (tokens)", x.shape[1], token_axes, mesh)
-    n_ep = _divide("E (experts)", w_gate.shape[1], expert_axes, mesh)
+    n_ep = _divide("E (experts)", w_gate_up.shape[1], expert_axes, mesh)
     tokens_local = x.shape[1] // _divide("N", x.shape[1], token_axes, mesh)
     cap = capacity(tokens_local * k, n_ep, capacity_factor)
 
     P = PartitionSpec
     sets = set_axes or None
     experts = expert_axes or None
-    in_specs = (P(sets, token_axes or None, None), P(sets, None, None), P(sets, experts, None, None),
-                P(sets, experts, None, None), P(sets, experts, None, None))
+    in_specs = (P(sets, token_axes or None, None), P(sets, None, None), P(sets, experts, None, None, None),
+                P(sets, experts, None, None))
     out_specs = (P(sets, token_axes or None, None), P(sets, None), P(sets, None), P(), P())
 
-    def local(x, router_w, w_gate, w_up, w_down):
+    def local(x, router_w, w_gate_up, w_down):
         logits = jnp.einsum("pnd,pde->pne", x.astype(jnp.float32), router_w.astype(jnp.float32))
         r = moe_kernels.route(logits, k, gate=gate)
-        wg, wu, wd = (w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+        wgu, wd = w_gate_up.astype(x.dtype), w_down.astype(x.dtype)
         if expert_axes:
-            y, dropped = _expert_parallel(x, r, wg, wu, wd, expert_axes, cap, impl)
+            y, dropped = _expert_parallel(x, r, wgu, wd, expert_axes, cap, impl)
         else:
-            y = moe_kernels.expert_ffn(x, r, wg, wu, wd, moe_kernels.resolve_moe_impl(impl, k))
+            y = moe_kernels.expert_ffn(x, r, wgu, wd, moe_kernels.resolve_moe_impl(impl, k))
             dropped = jnp.zeros((), jnp.int32)
         e = logits.shape[-1]
         frac, prob = r.stats["expert_fraction"], r.stats["router_prob"]
@@ -98,19 +98,19 @@ def moe_ffn_sharded(x, router_w, w_gate, w_up, w_down, k, *, mesh: Mesh, set_axe
         return (scale * y).astype(x.dtype), frac, prob, loss, dropped
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    y, frac, prob, loss, dropped = fn(x, router_w, w_gate, w_up, w_down)
+    y, frac, prob, loss, dropped = fn(x, router_w, w_gate_up, w_down)
     if unbatched:
         y, frac, prob = y[0], frac[0], prob[0]
     return y, {"expert_fraction": frac, "router_prob": prob, "load_balance_loss": loss, "dropped": dropped}
 
 
-def _expert_parallel(x, r: moe_kernels.Routing, w_gate, w_up, w_down, axes, cap, impl):
+def _expert_parallel(x, r: moe_kernels.Routing, w_gate_up, w_down, axes, cap, impl):
     """Per device: ``x [P, n, D]`` local tokens, ``r`` their routing over all ``E`` experts,
     local experts ``w_* [P, E_l, ...]`` -> (``[P, n, D]`` fp32 combined outputs, int32 copies
     dropped on this device)."""
     p, n, d = x.shape
     k = r.expert_ids.shape[-1]
-    e_l = w_gate.shape[1]
+    e_l = w_gate_up.shape[1]
     shards = jax.lax.axis_size(axes)
     ids = r.expert_ids.reshape(p, n * k)
     dest, local_expert = ids // e_l, ids % e_l
@@ -138,7 +138,7 @@ def _expert_parallel(x, r: moe_kernels.Routing, w_gate, w_up, w_down, axes, cap,
         group_sizes=jax.nn.one_hot(recv_e, e_l, dtype=jnp.int32).sum(axis=1),  # empty slots in none
         stats={},
     )
-    out = moe_kernels.expert_ffn(recv_x, one, w_gate, w_up, w_down, moe_kernels.resolve_moe_impl(impl, 1))
+    out = moe_kernels.expert_ffn(recv_x, one, w_gate_up, w_down, moe_kernels.resolve_moe_impl(impl, 1))
     back = exchange(out.astype(x.dtype))
     mine = jnp.take_along_axis(back, jnp.minimum(slot, shards * cap - 1)[..., None], axis=1)
     mine = jnp.where(fits[..., None], mine, 0).astype(jnp.float32).reshape(p, n, k, d)

@@ -84,12 +84,14 @@ def fan_in_init(std_scale: float = 1.0) -> nnx.Initializer:
     return init
 
 
-def xavier_init(scale: float = 1.0) -> nnx.Initializer:
-    """``scale`` x Xavier-uniform: ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` from the
-    last two axes (stacked leading axes are independent matrices)."""
+def xavier_init(scale: float = 1.0, fan_in_axis: int = -2) -> nnx.Initializer:
+    """``scale`` x Xavier-uniform: ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))`` with
+    ``fan_in = shape[fan_in_axis]`` and ``fan_out = shape[-1]`` (stacked leading axes are
+    independent matrices; ``fan_in_axis=-3`` for pre-concatenated ``[.., D, 2, F]`` gate/up
+    weights)."""
 
     def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        limit = scale * (6.0 / (shape[-2] + shape[-1])) ** 0.5
+        limit = scale * (6.0 / (shape[fan_in_axis] + shape[-1])) ** 0.5
         return jax.random.uniform(key, shape, dtype, -limit, limit)
 
     return init

@@ -245,8 +245,9 @@ def layer_params(s: Shapes, rngs: nnx.Rngs) -> dict[str, nnx.Param]:
     E, F = s.experts, s.expert_hidden
     lead, lead_axes = ((L, T), ("layers", "tokens")) if s.moe_per_token else ((L,), ("layers",))
     p["router"] = stacked_param(rngs, (*lead, D, E), (*lead_axes, "embed", None), fan_in_init())
-    p["expert_gate"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), up)
-    p["expert_up"] = stacked_param(rngs, (*lead, E, D, F), (*lead_axes, "experts", "embed", "mlp"), up)
+    # W_gate and W_up of every expert in one array [.., E, D, 2, F] (moe_ffn's layout)
+    p["expert_gate_up"] = stacked_param(rngs, (*lead, E, D, 2, F), (*lead_axes, "experts", "embed", None, "mlp"),
+                                        xavier_init(fan_in_axis=-3))
     p["expert_down"] = stacked_param(rngs, (*lead, E, F, D), (*lead_axes, "experts", "mlp", "embed"), down)
     if s.shared_expert:
         p["shared_gate"] = bank(T, (D, F), ("embed", "mlp"), up)
@@ -285,7 +286,7 @@ def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Arra
         xs = constrain(xn.transpose(1, 0, 2), ("tokens", "batch", None))
     else:  # one expert set for all B*T tokens
         xs = xn.reshape(b * t, d)
-    weights = (xs, p["router"], p["expert_gate"], p["expert_up"], p["expert_down"], s.top_k)
+    weights = (xs, p["router"], p["expert_gate_up"], p["expert_down"], s.top_k)
     active = shd.active()
     if s.moe_partition == "shard_map" and active is not None and active[0].size > 1:
         mesh, rules = active
