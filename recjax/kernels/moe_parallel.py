@@ -16,7 +16,7 @@ per device inside ``shard_map`` with explicit collectives:
   bucket by a cumulative count), and ``all_to_all`` sends the ``[S, C, D]`` buckets; the owner
   sorts what it received by local expert, runs the grouped matmuls over its ``E_l`` experts
   (the copies are its tokens, ``k = 1``), and a second ``all_to_all`` returns ``[S, C, D]``
-  outputs, which are combined with the gates where the tokens live (fp32). ``C`` is ``n k``
+  outputs (in ``x``'s dtype), which are combined with the gates where the tokens live (fp32). ``C`` is ``n k``
   (dropless, the default) or ``ceil(f n k / S)`` for a capacity factor ``f``; copies past
   ``C`` contribute zero and are counted (``dropped``). MaxText's MoE does the same with
   ``ragged_all_to_all``, which XLA:CPU lacks (jax 0.10.2), so the fixed-capacity form is the
@@ -52,7 +52,7 @@ def moe_ffn_sharded(x, router_w, w_gate_up, w_down, k, *, mesh: Mesh, set_axes=(
 
     Returns ``(y, stats)`` as ``moe_ffn`` does (``y`` like ``x``; ``expert_fraction`` and
     ``router_prob`` ``[P, E]``, ``load_balance_loss`` scalar) plus ``dropped``: int32 token
-    copies that did not fit the all-to-all capacity, summed over all devices (0 without expert
+    copies that did not fit the all-to-all capacity, each token counted once (0 without expert
     parallelism or when dropless). Unbatched inputs (no ``P``) are accepted as in ``moe_ffn``.
     """
     unbatched = x.ndim == 2
@@ -61,9 +61,8 @@ def moe_ffn_sharded(x, router_w, w_gate_up, w_down, k, *, mesh: Mesh, set_axes=(
     moe_kernels.check_moe_shapes(x, router_w, w_gate_up, w_down)
     set_axes, token_axes, expert_axes = tuple(set_axes), tuple(token_axes), tuple(expert_axes)
     _divide("P (expert sets)", x.shape[0], set_axes, mesh)
-    _divide("N (tokens)", x.shape[1], token_axes, mesh)
+    tokens_local = x.shape[1] // _divide("N (tokens)", x.shape[1], token_axes, mesh)
     n_ep = _divide("E (experts)", w_gate_up.shape[1], expert_axes, mesh)
-    tokens_local = x.shape[1] // _divide("N", x.shape[1], token_axes, mesh)
     cap = capacity(tokens_local * k, n_ep, capacity_factor)
 
     P = PartitionSpec

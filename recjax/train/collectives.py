@@ -31,12 +31,12 @@ _LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=\{(.*?)\}\s*[,)]")
 
 
-def _arrays_bytes(arrays: list[tuple[str, str]]) -> int:
+def _arrays_bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
     total = 0
     for dtype, dims in arrays:
         n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
+        for d in dims:
+            n *= d
         total += n * _BYTES.get(dtype, 4)
     return total
 
@@ -78,7 +78,7 @@ def collective_traffic(hlo_text: str, n_devices: int) -> dict[str, Any]:
     "bytes_sent"}}}`` for one compiled module's text (``compiled.as_text()``)."""
     by_kind: dict[str, dict[str, float]] = {}
     for op in collective_ops(hlo_text, n_devices):
-        b = _arrays_bytes([(t, ",".join(map(str, dims))) for t, dims in op["arrays"]])
+        b = _arrays_bytes(op["arrays"])
         k = by_kind.setdefault(op["kind"], {"count": 0, "result_bytes": 0, "bytes_sent": 0.0})
         k["count"] += 1
         k["result_bytes"] += b
