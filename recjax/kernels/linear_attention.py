@@ -25,7 +25,7 @@ Implementations (``impl``), all computing in fp32 and returning ``v.dtype``:
 - ``auto``: ``pallas`` on GPU, ``xla`` elsewhere.
 
 ``block_size`` (a power of two >= 16) is the chunk length of ``xla`` (default 64 for
-head_dim <= 64, else 128) and the row block of the kernels (default 64).
+head_dim <= 64, else 128) and the row block of the kernels (default: their table by head dim).
 """
 
 from __future__ import annotations
