@@ -329,13 +329,7 @@ def grouped_swiglu_pallas(
     """``silu(x[m] @ W_gate[g]) * (x[m] @ W_up[g])`` for ``x [M, K]`` and ``w_gate_up [G, K, 2F]``
     (gate columns first) -> ``[M, F]`` in ``preferred_element_type`` (default ``x.dtype``), fused
     in one kernel (see module doc); rows past ``sum(group_sizes)`` are zero."""
-    if x.ndim != 2 or w_gate_up.ndim != 3 or w_gate_up.shape[2] % 2 or group_sizes.shape != (w_gate_up.shape[0],):
-        raise ValueError(
-            f"grouped swiglu: expected x [M, K], w_gate_up [G, K, 2F], group_sizes [G]; got x {x.shape}, "
-            f"w_gate_up {w_gate_up.shape}, group_sizes {group_sizes.shape}"
-        )
-    if x.shape[1] != w_gate_up.shape[1]:
-        raise ValueError(f"grouped swiglu: x has K={x.shape[1]} but w_gate_up has K={w_gate_up.shape[1]}")
+    _check_shapes("grouped swiglu", x, w_gate_up, group_sizes, "2F")
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, w_gate_up.shape[2] // 2), out_dtype)
@@ -356,14 +350,20 @@ def grouped_matmul_pallas(
     ``preferred_element_type`` (default ``x.dtype``). Gradients: ``x`` and ``w`` (none for
     ``group_sizes``). Runs on GPU, or anywhere with ``cfg.interpret=True``.
     """
-    if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != (w.shape[0],):
-        raise ValueError(
-            f"grouped matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got x {x.shape}, "
-            f"w {w.shape}, group_sizes {group_sizes.shape}"
-        )
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped matmul: x has K={x.shape[1]} but w has K={w.shape[1]}")
+    _check_shapes("grouped matmul", x, w, group_sizes, "N")
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, w.shape[2]), out_dtype)
     return _gmm(x, w.astype(x.dtype), group_sizes, out_dtype, cfg)
+
+
+def _check_shapes(op: str, x, w, group_sizes, cols: str) -> None:
+    """``x [M, K]``, ``w [G, K, cols]`` (``2F``: even), ``group_sizes [G]``."""
+    odd = cols == "2F" and w.ndim == 3 and w.shape[2] % 2
+    if x.ndim != 2 or w.ndim != 3 or odd or group_sizes.shape != (w.shape[0],):
+        raise ValueError(
+            f"{op}: expected x [M, K], w [G, K, {cols}], group_sizes [G]; got x {x.shape}, "
+            f"w {w.shape}, group_sizes {group_sizes.shape}"
+        )
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x has K={x.shape[1]} but w has K={w.shape[1]}")
