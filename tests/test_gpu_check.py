@@ -10,13 +10,14 @@ from tests.conftest import run_cli
 
 def test_dry_gpu_check_writes_every_part(tmp_path: pathlib.Path):
     """`recjax bench gpu-check --dry` on CPU runs every part at toy sizes: the GPU-marked tests
-    are collected and skipped, the kernel benchmarks time the CPU implementations, the MFU bench times the tiny preset, and summary.json marks every
-    goal "not measured"."""
+    are collected and skipped, the kernel benchmarks time the CPU implementations, the MFU bench
+    times the tiny preset, and summary.json marks every goal "not measured"."""
     out = tmp_path / "check"
     proc = run_cli(["bench", "gpu-check", "--dry", "--out", str(out)])
     assert "wrote" in proc.stdout, proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert {n: p["status"] for n, p in summary["parts"].items()} == dict.fromkeys(["tests", "attention", "moe", "mfu"], "ok")
+    assert {n: p["status"] for n, p in summary["parts"].items()} == dict.fromkeys(
+        ["tests", "attention", "moe", "gdpa", "mfu"], "ok")
     assert {g["status"] for g in summary["goals"].values()} == {"not measured"}
     tests = json.loads((out / "tests.json").read_text())
     assert tests["skipped"] > 0 and tests["failed"] == 0
@@ -25,6 +26,9 @@ def test_dry_gpu_check_writes_every_part(tmp_path: pathlib.Path):
         ("softmax_attention", "xla"), ("linear_attention", "xla"), ("linear_attention", "reference")}
     moe = json.loads((out / "kernels_moe.json").read_text())["moe"]
     assert {r["op"] for r in moe if "median_ms" in r} == {"grouped_matmul", "dense_matmul", "moe_ffn"}
+    gdpa = json.loads((out / "kernels_gdpa.json").read_text())["gdpa"]
+    assert {(r["op"], r["impl"], r["window"]) for r in gdpa if r["median_ms"]} == {
+        (op, impl, w) for op, impl in (("softmax_attention", "xla"), ("gdpa", "xla")) for w in (None, 16)}
     mfu = json.loads((out / "mfu.json").read_text())["results"]
     assert mfu[0]["model"] == "tokenmixer_large" and mfu[0]["examples_per_s"] > 0
 

@@ -10,6 +10,9 @@ recorded as such and the next one runs):
   flash-linear-attention where importable -> ``kernels_attention.json``;
 - ``moe``: ``recjax bench kernels --only moe``: the grouped GEMM (Pallas, ``ragged_dot``,
   tokamax where installed) against a dense matmul of the same active FLOPs -> ``kernels_moe.json``;
+- ``gdpa``: ``recjax bench kernels --only gdpa`` at S in {1024, 4096}, head_dim 128, full and
+  window 256: the GDPA kernels against GDPA's XLA path, XLA softmax and cuDNN attention ->
+  ``kernels_gdpa.json``;
 - ``mfu``: ``recjax bench mfu`` of TokenMixer-Large 100M, 500M and 1B -> ``mfu.json``;
 - ``summary.json``: each part's status and seconds, and the goals (linear attention fwd+bwd at
   S = 4096 at least 2x XLA softmax and 1.1x flash-linear-attention; grouped GEMM at least 80% of
@@ -43,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the per-part JSONs and summary.json")
     p.add_argument("--dry", action="store_true", help="toy sizes, any backend: checks the plumbing only")
     p.add_argument("--wheels", default=None, help="install every wheel in this folder first (no network)")
-    p.add_argument("--parts", nargs="*", default=["tests", "attention", "moe", "mfu"],
-                   choices=["tests", "attention", "moe", "mfu"])
+    p.add_argument("--parts", nargs="*", default=["tests", "attention", "moe", "gdpa", "mfu"],
+                   choices=["tests", "attention", "moe", "gdpa", "mfu"])
 
 
 def _cli(*args: str) -> list[str]:
@@ -57,11 +60,14 @@ def part_commands(out: pathlib.Path, dry: bool) -> dict[str, tuple[list[str], fl
     if dry:
         return {
             "tests": ([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                       "tests/test_linear_attention.py", "tests/test_moe_kernels.py", f"--junitxml={junit}"], 600),
+                       "tests/test_linear_attention.py", "tests/test_moe_kernels.py", "tests/test_gdpa.py",
+                       f"--junitxml={junit}"], 600),
             "attention": (_cli("bench", "kernels", "--only", "attention", "--seqs", "64", "--head-dims", "16",
                                "--repeats", "1", "--out", str(out / "kernels_attention.json")), 600),
             "moe": (_cli("bench", "kernels", "--only", "moe", "--experts", "4", "--topk", "2", "--moe-tokens", "64",
                          "--repeats", "1", "--out", str(out / "kernels_moe.json")), 600),
+            "gdpa": (_cli("bench", "kernels", "--only", "gdpa", "--seqs", "64", "--head-dims", "16", "--windows",
+                          "0", "16", "--repeats", "1", "--out", str(out / "kernels_gdpa.json")), 600),
             "mfu": (_cli("bench", "mfu", "configs/models/tokenmixer_large_tiny.yaml", "data.global_batch=64",
                          "--steps", "2", "--warmup", "1", "--out", str(out / "mfu.json")), 600),
         }
@@ -72,6 +78,8 @@ def part_commands(out: pathlib.Path, dry: bool) -> dict[str, tuple[list[str], fl
                            "--head-dims", "64", "128", "--out", str(out / "kernels_attention.json")), 170),
         "moe": (_cli("bench", "kernels", "--only", "moe", "--experts", "8", "64", "--topk", "2",
                      "--out", str(out / "kernels_moe.json")), 80),
+        "gdpa": (_cli("bench", "kernels", "--only", "gdpa", "--seqs", "1024", "4096", "--head-dims", "128",
+                      "--windows", "0", "256", "--out", str(out / "kernels_gdpa.json")), 45),
         "mfu": (_cli("bench", "mfu", *(f"configs/models/{p}.yaml" for p in MFU_PRESETS), "--steps", "10",
                      "--out", str(out / "mfu.json")), 150),
     }
