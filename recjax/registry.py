@@ -45,6 +45,7 @@ MODELS = Registry("model", {
     "dcnv2": "recjax.models.dcnv2",
     "rankmixer": "recjax.models.rankmixer",
     "tokenmixer_large": "recjax.models.tokenmixer_large",
+    "wukong": "recjax.models.wukong",
     "seqrec": "recjax.models.seqrec",
 })
 
