@@ -83,13 +83,23 @@ class SyntheticDataConfig:
     # over all features' latent vectors and the dense features: interactions of every order)
     # and capacity (a wide tanh MLP over the same inputs whose output weights fall as a power
     # law, so a model's error on it falls with its width)
-    teacher_terms: list[Literal["linear", "fm", "dense_mlp", "deep", "capacity"]] = field(
+    # and sequence (needs events > 0: recency- and type-weighted matches between the target item,
+    # column C1, and the items of the example's event sequence)
+    teacher_terms: list[Literal["linear", "fm", "dense_mlp", "deep", "capacity", "sequence"]] = field(
         default_factory=lambda: ["linear", "fm", "dense_mlp"]
     )
     teacher_logit_scale: float = 1.0  # scales the teacher's interaction terms
     capacity_width: int = 1024  # hidden units of the capacity term
     capacity_spectrum: float = 1.0  # gamma: output weight of hidden unit k (1-based) ~ k^-gamma
     capacity_share: float | None = None  # its share of the logit variance; None = an equal share
+    # event sequences (recjax.data.synthetic): up to `events` typed events per example with
+    # item ids (column C1's vocabulary and law), ages in hours; 0 = none
+    events: int = 0
+    event_min: int = 1  # fewest events of an example
+    event_types: int = 3  # e.g. impression, click, conversion; type k has probability ~ 0.3^k
+    event_match_prob: float = 0.2  # chance an event's item is the example's target item
+    event_gap_hours: float = 12.0  # mean gap between events (exponential)
+    sequence_share: float | None = None  # the sequence term's share of the logit variance
     base_ctr: float = 0.25
     seed: int = 1234
     # raw-id mode: every sparse id v of column c is sent as the 63-bit id mix64(v, c) (uint32

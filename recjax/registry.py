@@ -46,6 +46,7 @@ MODELS = Registry("model", {
     "rankmixer": "recjax.models.rankmixer",
     "tokenmixer_large": "recjax.models.tokenmixer_large",
     "wukong": "recjax.models.wukong",
+    "kunlun": "recjax.models.kunlun",
     "seqrec": "recjax.models.seqrec",
 })
 

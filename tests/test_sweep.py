@@ -68,6 +68,14 @@ def test_expand_grid_presets_budgets_and_stable_ids(tmp_path):
     assert other[0].config.model.name == "dcnv2" and other[0].config.model.num_cross_layers == 1
     assert other[0].run_id.startswith("dcn-") and other[0].config.data.global_batch == 64
 
+    # a preset's `arch` names the architecture in the results table (variants of one model)
+    from recjax.scaling.runner import base_row
+
+    named = load_sweep(write_spec(tmp_path, presets={"s": {}, "m": {}, "dcn": {**dcn, "arch": "dcn_small"}},
+                                  grid={"preset": ["dcn", "s"], "examples": [192]}))
+    rows = [base_row(named, r) for r in expand(named)]
+    assert [r["model"] for r in rows] == ["dcn_small", rows[1]["model"]] and rows[1]["model"] != "dcn_small"
+
 
 @pytest.mark.parametrize(
     ("extra", "cli", "message"),

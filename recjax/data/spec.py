@@ -11,6 +11,10 @@ example of the *process-local* batch ``b``):
 - ``label``: float32 ``[b]`` in {0, 1}
 - ``user_id``: int32 ``[b]`` (only when ``has_user_id``; the same id is also the last
   column of ``sparse``, feature ``user``, so models embed it like any other feature)
+- with synthetic event sequences (``data.synthetic.events = L``): ``event_item`` int32
+  ``[b, L]`` (ids of feature C1's vocabulary, oldest first, ``-1`` past the example's
+  length), ``event_type`` int32 ``[b, L]`` (``-1`` there) and ``event_age`` float32 ``[b, L]``
+  (hours before the request; 0 there)
 - host-only keys, never sent to devices: ``example_id`` int64 ``[b]`` (global position in
   the stream) and, for synthetic data, ``label_prob`` float32 ``[b]`` (the teacher's
   probability, from which the Bayes-optimal logloss is computed).
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from recjax.config import DataConfig
 from recjax.errors import ConfigError
 
-DEVICE_KEYS = ("dense", "sparse", "label", "user_id")
+DEVICE_KEYS = ("dense", "sparse", "label", "user_id", "event_item", "event_type", "event_age")
 HOST_KEYS = ("example_id", "label_prob")
 CRITEO_NUM_DENSE = 13
 CRITEO_NUM_SPARSE = 26
@@ -41,6 +45,8 @@ class FeatureSpec:
     num_dense: int
     has_user_id: bool = False
     raw_ids: bool = False  # sparse ids are raw 64-bit (hi, lo) pairs
+    events: int = 0  # L: event-sequence length (event_* batch keys); 0 = none
+    event_types: int = 0
 
     @property
     def num_sparse(self) -> int:
@@ -65,7 +71,8 @@ def feature_spec(cfg: DataConfig) -> FeatureSpec:
         sparse = [SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)]
         if s.user_id:
             sparse.append(SparseFeature("user", s.num_users))
-        return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id, raw_ids=s.raw_ids)
+        return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id, raw_ids=s.raw_ids,
+                           events=s.events, event_types=s.event_types if s.events else 0)
     vocabs = broadcast_vocab(cfg.criteo.vocab_sizes, CRITEO_NUM_SPARSE, "data.criteo.vocab_sizes")
     return FeatureSpec(
         sparse=tuple(SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)),

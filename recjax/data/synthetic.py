@@ -25,8 +25,19 @@ Per example (``F = num_sparse`` item features, plus the ``user`` column when ``u
   latent vectors are hashed from ``(seed, feature, id, k)``. Each term is rescaled to unit std
   on a fixed calibration sample; the weights ``w_t`` are equal (``1 / #terms``) or give the
   capacity term ``capacity_share`` of the summed variance and the rest equal shares, so the
-  non-bias part has std about ``teacher_logit_scale``; ``bias`` is then set by bisection so
+  non-bias part has std about ``teacher_logit_scale`` (``sequence_share`` likewise fixes the
+  sequence term's share); ``bias`` is then set by bisection so
   the mean CTR on that sample equals ``base_ctr``.
+- events (``events = L > 0``): each example has ``n`` events, ``n`` uniform in
+  ``[event_min, L]``, oldest first, padded to ``L``. Event ``j`` has a type ``tau_j`` (type
+  ``k`` with probability ~ ``0.3^k``: impressions, then clicks, then conversions), an item
+  ``i_j`` (the example's target item -- its column-C1 id -- with probability
+  ``event_match_prob``, else a draw of C1's law) and an age ``a_j`` in hours (the sum of the
+  exponential gaps, mean ``event_gap_hours``, from it to the request). The ``sequence`` teacher
+  term is ``sum_j alpha_tau exp(-a_j / T_tau) (1[i_j = target] + <u(i_j), u(target)> / sqrt r)``
+  with ``u`` the teacher's latent vectors of C1, ``alpha_k = 4^(k - K + 1)`` (a conversion
+  counts 16x an impression when K = 3) and recency horizons ``T_k = 4 event_gap_hours 2^k``:
+  only a model that matches the target against recent events of the right types can learn it.
 - ``label_prob = sigmoid(logit)``; ``label = uniform < label_prob`` from a separate hash stream.
 
 What the knobs do to a scaling law (measured on the teacher alone by
@@ -74,8 +85,9 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _USER_STREAM = 1 << 20
 _DENSE_STREAM = 1 << 21
 _LABEL_STREAM = 1 << 22
+_EVENT_STREAM = 1 << 23
 _MAX_VOCAB = 2**31 - 1  # ids are int32
-TEACHER_TERMS = ("linear", "fm", "dense_mlp", "deep", "capacity")
+TEACHER_TERMS = ("linear", "fm", "dense_mlp", "deep", "capacity", "sequence")
 _CAPACITY_GAIN = 1.5  # pre-activation std of the capacity term's tanh units
 
 
@@ -209,27 +221,45 @@ class SyntheticCTR:
             self._cap_b1 = (0.5 * crng.standard_normal(w)).astype(np.float32)
             signs = np.where(crng.random(w) < 0.5, -1.0, 1.0)
             self._cap_w2 = (signs * np.arange(1, w + 1, dtype=np.float64) ** -cfg.capacity_spectrum).astype(np.float32)
-        share = cfg.capacity_share
-        if share is not None and ("capacity" not in cfg.teacher_terms or not 0.0 <= share <= 1.0):
-            raise ConfigError(f"data.synthetic.capacity_share={share} needs 'capacity' in teacher_terms and a "
-                              "value in [0, 1]")
+        self._check_events(cfg)
+        self._event_inc = _incs(range(_EVENT_STREAM + 1, _EVENT_STREAM + 2 + 4 * cfg.events))
+        shares = {"capacity": cfg.capacity_share, "sequence": cfg.sequence_share}
+        for term, share in shares.items():
+            if share is not None and (term not in cfg.teacher_terms or not 0.0 <= share <= 1.0):
+                raise ConfigError(f"data.synthetic.{term}_share={share} needs '{term}' in teacher_terms and a "
+                                  "value in [0, 1]")
+        if sum(v for v in shares.values() if v is not None) > 1.0:
+            raise ConfigError(f"data.synthetic: capacity_share + sequence_share must be <= 1, got {shares}")
         # calibration: unit-std terms weighted to their variance shares, then the bias for base_ctr
         terms = self._terms(self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET))
         std = terms.std(axis=0)
         live = std > 1e-9
         self._norm = np.where(live, cfg.teacher_logit_scale / np.where(live, std, 1.0), 0.0)
-        if share is None:  # equal shares
-            self._norm /= math.sqrt(max(int(live.sum()), 1))
-        else:
-            is_cap = np.array([t == "capacity" for t in cfg.teacher_terms])
-            others = int((live & ~is_cap).sum())
-            self._norm *= np.sqrt(np.where(is_cap, share, (1.0 - share) / max(others, 1)))
+        fixed = np.array([shares.get(t) is not None for t in cfg.teacher_terms])
+        others = int((live & ~fixed).sum())
+        rest = (1.0 - sum(v for v in shares.values() if v is not None)) / max(others, 1)
+        self._norm *= np.sqrt([shares[t] if f else rest for t, f in zip(cfg.teacher_terms, fixed, strict=True)])
         z = terms @ self._norm
         lo, hi = -40.0, 40.0
         for _ in range(80):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if _sigmoid(z + mid).mean() < cfg.base_ctr else (lo, mid)
         self._bias = 0.5 * (lo + hi)
+
+    @staticmethod
+    def _check_events(cfg: SyntheticDataConfig) -> None:
+        if cfg.events < 0 or (cfg.events and not 0 <= cfg.event_min <= cfg.events):
+            raise ConfigError(f"data.synthetic: events must be >= 0 and event_min in [0, events]; got events "
+                              f"{cfg.events}, event_min {cfg.event_min}")
+        if cfg.events and (cfg.event_types < 1 or not 0.0 <= cfg.event_match_prob <= 1.0
+                           or cfg.event_gap_hours <= 0):
+            raise ConfigError("data.synthetic: event_types must be >= 1, event_match_prob in [0, 1] and "
+                              f"event_gap_hours > 0; got {cfg.event_types}, {cfg.event_match_prob}, "
+                              f"{cfg.event_gap_hours}")
+        if "sequence" in cfg.teacher_terms and not cfg.events:
+            raise ConfigError("data.synthetic.teacher_terms: 'sequence' needs events > 0")
+        if cfg.events and cfg.raw_ids:
+            raise ConfigError("data.synthetic: event sequences are not available with raw_ids")
 
     # ----------------------------------------------------------------- example side
 
@@ -251,17 +281,42 @@ class SyntheticCTR:
         ang = (2.0 * np.pi) * u[:, npair:]
         dense = np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1)[:, : self.cfg.num_dense]
         label_u = _u53(mix64(base + self._label_inc))  # [B]
-        return {"ids": ids, "sparse": sparse, "dense": dense.astype(np.float32), "label_u": label_u}
+        feats = {"ids": ids, "sparse": sparse, "dense": dense.astype(np.float32), "label_u": label_u}
+        if self.cfg.events:
+            feats.update(self._events(base, sparse[0]))
+        return feats
+
+    def _events(self, base: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+        """Event draws for examples with hash ``base [B]`` and target item ids ``target [B]``:
+        ``event_item`` int64 / ``event_type`` int64 ``[B, L]`` (-1 past the length), ``event_age``
+        float64 hours (0 past it), ``event_match`` bool and ``event_latent`` float32 ``[B, L, r]``."""
+        cfg, L = self.cfg, self.cfg.events
+        u = _u53(mix64(base[:, None] + self._event_inc))  # [B, 4 L + 1]
+        n = np.minimum(cfg.event_min + np.floor(u[:, 0] * (L - cfg.event_min + 1)).astype(np.int64), L)
+        valid = np.arange(L)[None, :] < n[:, None]
+        p = 0.3 ** np.arange(cfg.event_types)
+        types = np.minimum(np.searchsorted(np.cumsum(p / p.sum()), u[:, 1:L + 1]), cfg.event_types - 1)
+        match = u[:, L + 1:2 * L + 1] < cfg.event_match_prob
+        drawn = zipf_ids(u[:, 2 * L + 1:3 * L + 1], self.vocabs[0], self.zipf_exponents[0])
+        items = np.where(match, target[:, None], drawn)
+        gaps = np.where(valid, -np.log1p(-u[:, 3 * L + 1:]) * cfg.event_gap_hours, 0.0)
+        age = np.cumsum(gaps[:, ::-1], axis=1)[:, ::-1]  # a_j = sum of the gaps from j on
+        latent = self._id_params(np.where(valid, items, 0).reshape(1, -1), column=0)[0, :, :cfg.teacher_rank]
+        return {"event_item": np.where(valid, items, -1), "event_type": np.where(valid, types, -1),
+                "event_age": age, "event_match": valid & (items == target[:, None]),
+                "event_latent": latent.reshape(*items.shape, -1) * valid[..., None]}
 
     # ----------------------------------------------------------------- teacher side
 
-    def _id_params(self, sparse: np.ndarray) -> np.ndarray:
+    def _id_params(self, sparse: np.ndarray, column: int | None = None) -> np.ndarray:
         """float32 ``[C, B, r + 1]``: each example's per-id teacher parameters per column (``r``
-        latent entries, then the first-order weight), uniform on ``[-sqrt 3, sqrt 3)`` (variance 1)."""
+        latent entries, then the first-order weight), uniform on ``[-sqrt 3, sqrt 3)`` (variance 1);
+        with ``column``, ``sparse [1, B]`` holds ids of that column."""
         c, b = sparse.shape
         r = self.cfg.teacher_rank
         nh = (r + 2) // 2  # two 32-bit values per hash: r latent + 1 first-order weight
-        fid = mix64(sparse.astype(np.uint64) ^ self._feature_salt[:, None]) + self._teacher_key
+        salt = self._feature_salt[:, None] if column is None else self._feature_salt[column]
+        fid = mix64(sparse.astype(np.uint64) ^ salt) + self._teacher_key
         h = mix64(fid[:, :, None] + self._latent_inc)  # [C, B, nh]
         u32 = h.view(np.uint32).reshape(c, b, 2 * nh)[:, :, : r + 1]
         sqrt3 = math.sqrt(3.0)
@@ -270,11 +325,13 @@ class SyntheticCTR:
     def _terms(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
         """Unnormalised teacher terms ``[B, len(teacher_terms)]`` in the configured order; the
         capacity term summed over its first ``capacity_units`` hidden units only, if given."""
-        return self._terms_of(self._id_params(feats["sparse"]), feats["dense"], capacity_units)
+        return self._terms_of(self._id_params(feats["sparse"]), feats["dense"], capacity_units, feats)
 
-    def _terms_of(self, vals: np.ndarray, dense: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
+    def _terms_of(self, vals: np.ndarray, dense: np.ndarray, capacity_units: int | None = None,
+                  events: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """:meth:`_terms` from explicit per-id parameters ``vals [C, B, r + 1]`` (float32 for the
-        stream; float64 to differentiate the teacher numerically)."""
+        stream; float64 to differentiate the teacher numerically) and the examples' ``events``
+        (:meth:`_events`; the event items' latents are taken as given)."""
         c, b, _ = vals.shape
         r = self.cfg.teacher_rank
         tot = vals.sum(axis=0, dtype=vals.dtype)  # [B, r + 1]; unit-variance entries
@@ -289,7 +346,19 @@ class SyntheticCTR:
         if "capacity" in self.cfg.teacher_terms:
             m = self.cfg.capacity_width if capacity_units is None else capacity_units
             terms["capacity"] = np.tanh(x @ self._cap_w1[:, :m] + self._cap_b1[:m]) @ self._cap_w2[:m]
+        if "sequence" in self.cfg.teacher_terms:
+            terms["sequence"] = self._sequence_term(v[0], events)
         return np.stack([terms[t] for t in self.cfg.teacher_terms], axis=1).astype(np.float64)
+
+    def _sequence_term(self, target_latent: np.ndarray, events: dict[str, np.ndarray]) -> np.ndarray:
+        """``[B]``: ``sum_j alpha_tau exp(-a_j / T_tau) (1[i_j = target] + <u_j, u_target> / sqrt r)``."""
+        k = self.cfg.event_types
+        alpha = 4.0 ** (np.arange(k) - (k - 1))
+        horizon = 4.0 * self.cfg.event_gap_hours * 2.0 ** np.arange(k)
+        types = np.maximum(events["event_type"], 0)
+        weight = np.where(events["event_type"] >= 0, alpha[types] * np.exp(-events["event_age"] / horizon[types]), 0.0)
+        sim = np.einsum("blr,br->bl", events["event_latent"], target_latent) / math.sqrt(self.cfg.teacher_rank)
+        return np.sum(weight * (events["event_match"] + sim), axis=1)
 
     def logit_terms(self, example_ids: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
         """The teacher's logit parts ``[B, len(teacher_terms)]`` (scaled: their sum plus the bias is
@@ -316,7 +385,9 @@ class SyntheticCTR:
 
         Returns ``dense`` f32 ``[B, num_dense]``, ``sparse`` i32 ``[B, C]`` (``raw_ids``: uint32
         ``[B, C, 2]``, :meth:`raw_ids`), ``label`` f32 ``[B]``,
-        ``user_id`` i32 ``[B]`` (if ``cfg.user_id``), ``example_id`` i64 ``[B]``, ``label_prob`` f32 ``[B]``.
+        ``user_id`` i32 ``[B]`` (if ``cfg.user_id``), with ``events = L``: ``event_item`` and
+        ``event_type`` i32 ``[B, L]`` (-1 past each example's length) and ``event_age`` f32 hours
+        ``[B, L]`` (0 there), ``example_id`` i64 ``[B]``, ``label_prob`` f32 ``[B]``.
         """
         feats = self._features(example_ids)
         prob = _sigmoid(self._bias + self._terms(feats) @ self._norm)
@@ -328,6 +399,10 @@ class SyntheticCTR:
         }
         if self.cfg.user_id:
             out["user_id"] = sparse[:, -1].copy()
+        if self.cfg.events:
+            out["event_item"] = feats["event_item"].astype(np.int32)
+            out["event_type"] = feats["event_type"].astype(np.int32)
+            out["event_age"] = feats["event_age"].astype(np.float32)
         out["example_id"] = feats["ids"].copy()
         out["label_prob"] = prob.astype(np.float32)
         return out

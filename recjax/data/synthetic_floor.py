@@ -71,7 +71,7 @@ class DataLimitedFloor:
         dense = feats["dense"].astype(np.float64)
 
         def logit(v: np.ndarray) -> np.ndarray:
-            return gen._bias + gen._terms_of(v, dense) @ gen._norm
+            return gen._bias + gen._terms_of(v, dense, events=feats) @ gen._norm
 
         q = _sigmoid(logit(vals))
         self.w = w = q * (1.0 - q)  # [B]

@@ -19,9 +19,10 @@ Activations (:data:`ACTIVATIONS`): identity, gelu (erf), gelu_approx (tanh), rel
 Implementations (``impl``), all computing in fp32 and returning ``v.dtype``:
 
 - ``reference``: the masked ``[tq, tk]`` score matrix at HIGHEST precision. The spec.
-- ``xla``: the same product at default precision; with a window narrower than the sequence,
-  banded: query chunks of ``block_q`` rows against their ``block_q + 2 window`` keys only, so
-  FLOPs grow as ``tq (block_q + 2 window)`` instead of ``tq tk``. Plain autodiff.
+- ``xla``: the same product at default precision; with a window, banded where that computes
+  less (:func:`banded_shape`): query chunks of ``block_q`` rows against their
+  ``block_q + 2 window`` keys only, so FLOPs grow as ``tq (block_q + 2 window)`` instead of
+  ``tq tk``. Plain autodiff.
 - ``pallas`` (GPU) / ``interpret`` (any backend): flash-style Triton kernels under
   ``jax.custom_vjp`` with no running maximum (nothing to normalise), see ``gdpa_pallas``.
 - ``auto``: ``pallas`` on GPU, ``xla`` elsewhere.
@@ -129,7 +130,7 @@ def gdpa(
         return _quadratic(q, k, v, nq, nkv, kind, scale, window, causal, lax.Precision.HIGHEST)
     if impl == "xla":
         chunk = block_q or 64
-        if window is not None and 2 * window + chunk < tk:
+        if banded_shape(tq, tk, window, chunk) is not None:
             return _banded(q, k, v, nq, nkv, kind, scale, window, causal, chunk)
         return _quadratic(q, k, v, nq, nkv, kind, scale, window, causal, None)
     if impl == "pallas" and jax.default_backend() != "gpu":
@@ -166,6 +167,16 @@ def gdpa_flops(batch: int, tq: int, tk: int, hq: int, d: int, dv: int, *, window
     if causal:
         keep &= s <= t
     return 2.0 * batch * hq * float(keep.sum()) * (d + dv)
+
+
+def banded_shape(tq: int, tk: int, window: int | None, chunk: int) -> tuple[int, int] | None:
+    """(query rows, keys per row) the banded XLA path computes -- ``tq`` padded to whole chunks,
+    ``chunk + 2 window`` keys -- or None where the whole ``tq x tk`` product is no larger (the
+    path then computes that)."""
+    if window is None:
+        return None
+    rows, keys = -(-tq // chunk) * chunk, chunk + 2 * window
+    return (rows, keys) if rows * keys < tq * tk else None
 
 
 def _lengths(lengths, batch, seq):

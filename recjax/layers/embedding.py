@@ -571,6 +571,25 @@ class EmbeddingCollection(nnx.Module):
                     out[c] = vecs[:, j]
         return out, stats  # type: ignore[return-value]
 
+    def lookup_positions(self, feature: str, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Ids ``[B, L]`` of ``feature``'s vocabulary (a sequence of its items; ``-1``: padding)
+        -> (one row per position ``[B, L, d]`` in ``dtype``, int32 out-of-vocabulary count).
+
+        Reads ``feature``'s table like :meth:`lookup` (same placement, exchange and sparse
+        update), without combining: e.g. the event sequence's items in the target item's table.
+        """
+        if self.dynamic:
+            raise ValueError("lookup_positions reads vocabulary ids; dynamic (raw-id) tables are not supported")
+        if feature not in self.feature_names:
+            raise ValueError(f"lookup_positions: unknown feature {feature!r}; features: {list(self.feature_names)}")
+        table = self.feature_table[self.feature_names.index(feature)]
+        spec = next(t for t in self.specs if t.name == table)
+        param = next(p for p, members in self.groups if any(t.name == table for t in members))
+        idx, used, oov = self._rows_of(spec, ids.astype(jnp.int32)[:, :, None])
+        flat, _ = self._read(param, spec.placement, idx.reshape(-1))
+        rows = flat.reshape(*ids.shape, -1) * used[..., 0, None].astype(flat.dtype)
+        return rows.astype(self.dtype), oov
+
     def _gather(self, placement: Placement, table: jax.Array, n_ids: int,
                 overflow: list[jax.Array]) -> tuple[Gather, int]:
         """How to read ``table`` for ``n_ids`` ids, and the all-to-all's slots per destination:

@@ -58,7 +58,7 @@ def base_row(sweep: Sweep, run: Run) -> results.Row:
     cfg = run.config
     steps = cfg.train.steps if cfg.train.epochs <= 0 else None
     row: results.Row = {
-        "run_id": run.run_id, "sweep": sweep.name, "model": cfg.model.name, "task": task_name(cfg),
+        "run_id": run.run_id, "sweep": sweep.name, "model": run.arch or cfg.model.name, "task": task_name(cfg),
         "preset": run.preset, "config_hash": run.config_hash,
         "axes": json.dumps(run.axes, sort_keys=True), "seed": cfg.seed,
         "flops_budget": run.flops_budget, "global_batch": cfg.data.global_batch,

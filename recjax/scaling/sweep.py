@@ -17,7 +17,9 @@ A spec is YAML::
 Axis keys are dotted config keys, plus three special ones:
 
 - ``preset``: apply that preset's keys; a preset's ``config`` key (relative to the spec)
-  replaces ``base`` for its runs, so existing model files can serve as presets;
+  replaces ``base`` for its runs, so existing model files can serve as presets, and its
+  ``arch`` key names the architecture in the results table's ``model`` column (default: the
+  model's name), so variants of one model (e.g. Kunlun and its baseline) fit separately;
 - ``examples``: data budget; ``train.steps = round(examples / data.global_batch)``;
 - ``flops``: training-compute budget ``C`` (IsoFLOP design);
   ``train.steps = round(C / (3 * fwd_flops_per_example * data.global_batch))`` with the
@@ -75,6 +77,7 @@ class Run:
     config: Config  # resolved; run_dir = <out_dir>/runs/<run_id>
     config_hash: str
     flops_budget: float | None
+    arch: str | None = None  # the results' `model` column when a preset names it
 
 
 @dataclasses.dataclass
@@ -206,6 +209,7 @@ def expand(sweep: Sweep, cli_overrides: list[str] | None = None) -> list[Run]:
         base = sweep.base
         if "config" in preset_keys:
             base = sweep.path.parent / str(preset_keys.pop("config"))
+        arch = preset_keys.pop("arch", None)
         axis_keys = {k: v for k, v in point.items() if k not in SPECIAL}
         clash = set(preset_keys) & set(axis_keys)
         if clash:
@@ -230,5 +234,5 @@ def expand(sweep: Sweep, cli_overrides: list[str] | None = None) -> list[Run]:
         cfg.name = f"{sweep.name}/{run_id}"
         cfg.run_dir = str(sweep.out_dir / "runs" / run_id)
         budget = float(point["flops"]) if "flops" in point else None
-        runs.setdefault(run_id, Run(run_id, preset, dict(point), cfg, digest, budget))
+        runs.setdefault(run_id, Run(run_id, preset, dict(point), cfg, digest, budget, arch))
     return list(runs.values())

@@ -66,6 +66,10 @@ class CTRTask(Task):
         }
         if f.has_user_id:
             out["user_id"] = jax.ShapeDtypeStruct((g,), jnp.int32)
+        if f.events:
+            out["event_item"] = jax.ShapeDtypeStruct((g, f.events), jnp.int32)
+            out["event_type"] = jax.ShapeDtypeStruct((g, f.events), jnp.int32)
+            out["event_age"] = jax.ShapeDtypeStruct((g, f.events), jnp.float32)
         return out
 
     def loss(self, model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
