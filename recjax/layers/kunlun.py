@@ -44,8 +44,13 @@ def rote(x: jax.Array, age: jax.Array, base: float = 10_000.0) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def _weight(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
-    return stacked_param(rngs, shape, (None,) * len(shape), fan_in_init())
+def _weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...] | None = None) -> nnx.Param:
+    """fp32 weight with fan-in init; ``axes`` (default: none) shard the large projections as the
+    MLPs do: ``("embed", "mlp")`` into a layer, ``("mlp", "embed")`` out of it."""
+    return stacked_param(rngs, shape, axes or (None,) * len(shape), fan_in_init())
+
+
+IN, OUT = ("embed", "mlp"), ("mlp", "embed")
 
 
 def _ones(width: int) -> nnx.Param:
@@ -59,9 +64,9 @@ class ContextInteraction(nnx.Module):
                  impl: str, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.kind, self.heads, self.activation, self.impl, self.dtype = kind, heads, activation, impl, dtype
         self.key_mix, self.value_mix = _weight(rngs, (keys, tokens)), _weight(rngs, (keys, tokens))
-        self.key_proj, self.value_proj = _weight(rngs, (dim, dim)), _weight(rngs, (dim, dim))
+        self.key_proj, self.value_proj = _weight(rngs, (dim, dim), IN), _weight(rngs, (dim, dim), IN)
         if kind == "gdpa":
-            self.query, self.out = _weight(rngs, (dim, dim)), _weight(rngs, (dim, dim))
+            self.query, self.out = _weight(rngs, (dim, dim), IN), _weight(rngs, (dim, dim), OUT)
         else:
             self.hidden_norm, self.out_norm = _ones(keys), _ones(dim)
 
@@ -97,7 +102,7 @@ class WindowSelfAttention(nnx.Module):
             raise ValueError(f"WindowSelfAttention: the head dim {dim}/{heads} must be even for ROTE")
         self.heads, self.window, self.activation, self.use_rote = heads, window, activation, use_rote
         self.impl, self.dtype = impl, dtype
-        self.qkv, self.out = _weight(rngs, (dim, 3, dim)), _weight(rngs, (dim, dim))
+        self.qkv, self.out = _weight(rngs, (dim, 3, dim), ("embed", None, "mlp")), _weight(rngs, (dim, dim), OUT)
 
     def __call__(self, s: jax.Array, age: jax.Array, n: jax.Array) -> jax.Array:
         batch, length, dim = s.shape
@@ -130,10 +135,11 @@ class SeedPooling(nnx.Module):
         n_seeds = seeds if kind == "hsp" else tokens
         self.seeds = stacked_param(rngs, (n_seeds, dim), (None, None), nnx.initializers.normal(1.0))
         self.seed_norm = _ones(dim)
-        self.query, self.key, self.value, self.out = (_weight(rngs, (dim, dim)) for _ in range(4))
+        self.query, self.key, self.value = (_weight(rngs, (dim, dim), IN) for _ in range(3))
+        self.out = _weight(rngs, (dim, dim), OUT)
         if kind == "hsp":
             self.compress = _weight(rngs, (terms, n_seeds, tokens))  # P_i, fan-in over seeds
-            self.mix = _weight(rngs, (terms, dim, dim))  # W_i
+            self.mix = _weight(rngs, (terms, dim, dim), (None, *IN))  # W_i
 
     def __call__(self, s: jax.Array, n: jax.Array) -> jax.Array:
         cast = lambda p: p[...].astype(self.dtype)

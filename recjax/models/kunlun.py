@@ -36,9 +36,10 @@ from flax import nnx
 from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
-from recjax.kernels.gdpa import ACTIVATIONS
+from recjax.kernels.gdpa import ACTIVATIONS, banded_shape
 from recjax.layers.embedding import EmbeddingCollection
 from recjax.layers.kunlun import (
+    WINDOW_CHUNK,
     ContextInteraction,
     SeedPooling,
     WindowSelfAttention,
@@ -109,6 +110,9 @@ def _towers(mcfg: KunlunConfig, features: FeatureSpec) -> list[tuple[TowerConfig
         (mcfg.towers[0], tuple(range(types)))]
     out = []
     for tc, kinds in chosen:
+        if tc.layers > mcfg.num_layers:
+            raise ConfigError(f"model.towers: a tower has {tc.layers} layers but model.num_layers is "
+                              f"{mcfg.num_layers}; towers run within the model's layers")
         if min(tc.width, tc.heads, tc.tokens, tc.layers, tc.length) <= 0 or tc.width % tc.heads or tc.window < 0:
             raise ConfigError(f"model.towers: width, heads, tokens, layers and length must be positive, heads must "
                               f"divide width and window be >= 0; got {tc}")
@@ -165,10 +169,10 @@ class Tower(nnx.Module):
         w, d = tc.width, mcfg.dim
         window = tc.window or None
         self.dtype = dtype
-        self.item_proj = stacked_param(rngs, (item_dim, w), (None, None), fan_in_init())
+        self.item_proj = stacked_param(rngs, (item_dim, w), ("embed", "mlp"), fan_in_init())
         self.type_emb = stacked_param(rngs, (types, w), (None, None), nnx.initializers.normal(0.02))
-        self.ctx_proj = stacked_param(rngs, (d, w), (None, None), fan_in_init())
-        self.summary_proj = stacked_param(rngs, (w, d), (None, None), fan_in_init())
+        self.ctx_proj = stacked_param(rngs, (d, w), ("embed", "mlp"), fan_in_init())
+        self.summary_proj = stacked_param(rngs, (w, d), ("mlp", "embed"), fan_in_init())
         ones = lambda: nnx.Param(jnp.ones((w,), jnp.float32), out_sharding=(None,))
         inter, attn, pool, norms = [], [], [], []
         for layer in range(tc.layers):
@@ -217,7 +221,7 @@ class Kunlun(nnx.Module):
         self.dense = MLP(features.num_dense, [*mcfg.dense_mlp, d], dtype=dtype, rngs=rngs) if features.num_dense else None
         n0 = features.num_sparse + (1 if features.num_dense else 0)
         self.token_mix = stacked_param(rngs, (mcfg.tokens, n0), (None, None), fan_in_init())
-        self.token_proj = stacked_param(rngs, (d, mcfg.dim), (None, None), fan_in_init())
+        self.token_proj = stacked_param(rngs, (d, mcfg.dim), ("embed", "mlp"), fan_in_init())
         self.tower_kinds = tuple(kinds for _, kinds in _towers(mcfg, features))
         self.tower_lengths = tuple(tc.length for tc, _ in _towers(mcfg, features))
         self.towers = nnx.List([Tower(tc, mcfg, d, features.event_types, dtype=dtype, rngs=rngs)
@@ -301,4 +305,35 @@ def forward_flops(cfg: Config, features: FeatureSpec) -> float:
     return sum(component_flops(cfg, features).values())
 
 
-register("kunlun", KunlunConfig, build, forward_flops)
+def activation_bytes_per_example(cfg: Config, features: FeatureSpec) -> float:
+    """Bytes of activations kept for the backward pass per example (analytic memory estimate).
+
+    Per tower layer, in the compute dtype: about ``4 L w`` for an interaction (norm, queries,
+    GDPA output, residual), ``7 L w`` for an attention layer (norm, q, k, v, rotated q and k,
+    output) and ``3 L w`` for a pooling (norm, keys, values); in fp32 (GDPA's XLA path and the
+    pooling softmax compute their scores in fp32), the scores and their activation, ``2 H L n``
+    with ``n`` the keys each query reaches (``keys``, the band, or the seeds). Per layer of the
+    global mixture and expert: the Wukong layer's input, the ``n k`` interactions before and
+    after their LayerNorm, every FMB hidden width twice and the output three times.
+    """
+    mcfg = _check(cfg, features)
+    width = 2 if cfg.train.compute_dtype == "bfloat16" else 4
+    total = 0.0
+    for tc, _ in _towers(mcfg, features):
+        w, length, heads = tc.width, tc.length, tc.heads
+        rows, band = banded_shape(length, length, tc.window or None, WINDOW_CHUNK) or (length, length)
+        for layer in range(tc.layers):
+            if _is_interaction(layer, mcfg.compskip):
+                total += width * 4 * length * w + 4 * 2 * heads * length * mcfg.keys
+            if _is_attention(layer, mcfg.compskip):
+                total += width * 7 * length * w + 4 * 2 * heads * rows * band
+            if _is_pooling(layer, tc.layers, mcfg.compskip):
+                seeds = mcfg.seeds if mcfg.pooling == "hsp" else tc.tokens
+                total += width * 3 * length * w + 4 * 2 * heads * seeds * length
+    n_in = mcfg.tokens + sum(tc.tokens for tc, _ in _towers(mcfg, features))
+    wukong = n_in * mcfg.dim + 2 * n_in * mcfg.wukong_rank + 2 * sum(mcfg.wukong_mlp) + 3 * mcfg.tokens * mcfg.dim
+    total += width * mcfg.num_layers * mcfg.global_experts * wukong
+    return total
+
+
+register("kunlun", KunlunConfig, build, forward_flops, activation_bytes=activation_bytes_per_example)

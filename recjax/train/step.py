@@ -140,13 +140,15 @@ def _sparse_step(setup: TrainSetup) -> Callable[[State, Batch], tuple[State, dic
                 if not ids.get(t.name):
                     continue
                 # tables looked up by all-to-all send their row gradients back the same way
+                # (several lookups of one table, e.g. a feature and a sequence of its items, send
+                # their concatenated ids: per destination at most the sum of their capacities)
                 caps = found.exchange_caps[t.name]
-                if len(caps) > 1 and any(caps):
-                    raise ValueError(f"table {t.name}: one all-to-all lookup per step is supported, got {len(caps)}")
+                if any(caps) and not all(caps):
+                    raise ValueError(f"table {t.name}: lookups mix the all-to-all exchange and local gathers")
                 owned[t.name] = sparse.owned_row_grads(
                     jnp.concatenate(ids[t.name]), jnp.concatenate(g_rows[t.name]), mesh=setup.mesh,
                     batch_axes=setup.batch_axes, row_axes=t.row_axes, rows_per_shard=t.rows_per_shard,
-                    exchange_cap=caps[0])
+                    exchange_cap=sum(caps))
             sq = jnp.square(optax.tree_utils.tree_norm(g_dense)) + sum(o[2] for o in owned.values())
             grad_norm = jnp.sqrt(sq)
             ok = _ok(total, grad_norm, state)
