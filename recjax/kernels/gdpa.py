@@ -147,11 +147,6 @@ def gdpa(
     )
 
 
-def gdpa_reference(q, k, v, **kw) -> jax.Array:
-    """The spec: :func:`gdpa` with ``impl="reference"``."""
-    return gdpa(q, k, v, **kw, impl="reference")
-
-
 def gdpa_flops(batch: int, tq: int, tk: int, hq: int, d: int, dv: int, *, window: int | None = None,
                causal: bool = False) -> float:
     """Forward matmul FLOPs over the unmasked (t, s) pairs: ``2 hq pairs (d + dv)`` per row.

@@ -222,12 +222,12 @@ class Kunlun(nnx.Module):
         n0 = features.num_sparse + (1 if features.num_dense else 0)
         self.token_mix = stacked_param(rngs, (mcfg.tokens, n0), (None, None), fan_in_init())
         self.token_proj = stacked_param(rngs, (d, mcfg.dim), ("embed", "mlp"), fan_in_init())
-        self.tower_kinds = tuple(kinds for _, kinds in _towers(mcfg, features))
-        self.tower_lengths = tuple(tc.length for tc, _ in _towers(mcfg, features))
-        self.towers = nnx.List([Tower(tc, mcfg, d, features.event_types, dtype=dtype, rngs=rngs)
-                                for tc, _ in _towers(mcfg, features)])
-        self.tower_layers = tuple(tc.layers for tc, _ in _towers(mcfg, features))
-        n_in = mcfg.tokens + sum(tc.tokens for tc, _ in _towers(mcfg, features))
+        towers = _towers(mcfg, features)
+        self.tower_kinds = tuple(kinds for _, kinds in towers)
+        self.tower_lengths = tuple(tc.length for tc, _ in towers)
+        self.towers = nnx.List([Tower(tc, mcfg, d, features.event_types, dtype=dtype, rngs=rngs) for tc, _ in towers])
+        self.tower_layers = tuple(tc.layers for tc, _ in towers)
+        n_in = mcfg.tokens + sum(tc.tokens for tc, _ in towers)
         half = mcfg.tokens // 2
         self.mixtures = nnx.List([
             WukongMixture(mcfg.global_experts, n_in, mcfg.dim, half, mcfg.tokens - half, mcfg.wukong_rank,
