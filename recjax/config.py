@@ -100,6 +100,11 @@ class SyntheticDataConfig:
     event_match_prob: float = 0.2  # chance an event's item is the example's target item
     event_gap_hours: float = 12.0  # mean gap between events (exponential)
     sequence_share: float | None = None  # the sequence term's share of the logit variance
+    # multi-task labels (recjax.data.synthetic): T labels per example (``label [B, T]``), each
+    # with its own base rate and a task-specific teacher part; 0 = one label ``[B]``
+    tasks: int = 0
+    task_ctr: list[float] = field(default_factory=lambda: [0.25])  # base rate: one for all, or one per task
+    task_shared_share: float = 0.5  # share of each task's logit variance from the shared teacher
     base_ctr: float = 0.25
     seed: int = 1234
     # raw-id mode: every sparse id v of column c is sent as the 63-bit id mix64(v, c) (uint32
@@ -259,6 +264,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # multi-task data (data.synthetic.tasks = T): loss weight per task, [] = 1 for every task
+    task_weights: list[float] = field(default_factory=list)
     tensorboard: bool = True
     resume: bool = True  # continue from the newest checkpoint in run_dir
     # best checkpoint and early stopping on an eval metric "split/name", e.g. valid/ndcg@10

@@ -47,6 +47,9 @@ MODELS = Registry("model", {
     "tokenmixer_large": "recjax.models.tokenmixer_large",
     "wukong": "recjax.models.wukong",
     "kunlun": "recjax.models.kunlun",
+    "mmoe": "recjax.models.multitask",
+    "ple": "recjax.models.multitask",
+    "smes": "recjax.models.multitask",
     "seqrec": "recjax.models.seqrec",
 })
 

@@ -53,6 +53,9 @@ ALL_TO_ALL = {
     "ctr_dynamic": [*CONFIGS["ctr"], "embedding.exchange=all_to_all", "data.synthetic.raw_ids=true",
                     "embedding.dynamic.capacity=300", "embedding.dynamic.partitions=8",
                     "embedding.dynamic.threshold=2"],
+    # SMES on four labels: progressive routing, each selected expert once per example
+    "smes": ["--config", "configs/experiments/smes_multitask.yaml", *CONFIGS["ctr"][2:],
+             "data.synthetic.capacity_width=64"],
 }
 
 
@@ -131,6 +134,14 @@ def test_two_all_to_all_lookups_of_one_table_train_like_gspmd(runs: Callable):
     gathers' losses on 8 devices."""
     diff = max_diff(runs("kunlun_all_to_all", "8"), runs("kunlun", "8"))
     print(f"kunlun, all-to-all vs GSPMD lookups on 8 devices: max |loss difference| over {STEPS} steps: {diff:.3g}")
+    assert diff < TOL
+
+
+def test_multi_task_smes_trains_like_1_device(runs: Callable):
+    """Four task losses, SMES routing and its balance loss: the summed multi-task loss on 8
+    devices equals one device's."""
+    diff = max_diff(runs("smes", "8"), runs("smes", "1"))
+    print(f"smes, 4 tasks, 8 devices vs 1: max |loss difference| over {STEPS} steps: {diff:.3g}")
     assert diff < TOL
 
 

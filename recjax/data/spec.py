@@ -8,7 +8,8 @@ example of the *process-local* batch ``b``):
   when the source has no vocabulary of its own; ``-1`` = missing); with ``raw_ids`` (synthetic
   ``raw_ids: true``) uint32 ``[b, F, 2]``: raw 64-bit ids as ``(hi, lo)`` halves, missing =
   ``hi == 0xFFFFFFFF``, read through dynamic tables (``embedding.dynamic``)
-- ``label``: float32 ``[b]`` in {0, 1}
+- ``label``: float32 ``[b]`` in {0, 1}; ``[b, T]`` with synthetic multi-task labels
+  (``data.synthetic.tasks = T``)
 - ``user_id``: int32 ``[b]`` (only when ``has_user_id``; the same id is also the last
   column of ``sparse``, feature ``user``, so models embed it like any other feature)
 - with synthetic event sequences (``data.synthetic.events = L``): ``event_item`` int32
@@ -16,7 +17,7 @@ example of the *process-local* batch ``b``):
   length), ``event_type`` int32 ``[b, L]`` (``-1`` there) and ``event_age`` float32 ``[b, L]``
   (hours before the request; 0 there)
 - host-only keys, never sent to devices: ``example_id`` int64 ``[b]`` (global position in
-  the stream) and, for synthetic data, ``label_prob`` float32 ``[b]`` (the teacher's
+  the stream) and, for synthetic data, ``label_prob`` float32 shaped as ``label`` (the teacher's
   probability, from which the Bayes-optimal logloss is computed).
 """
 
@@ -47,6 +48,7 @@ class FeatureSpec:
     raw_ids: bool = False  # sparse ids are raw 64-bit (hi, lo) pairs
     events: int = 0  # L: event-sequence length (event_* batch keys); 0 = none
     event_types: int = 0
+    tasks: int = 0  # T: labels per example (``label [B, T]``); 0 = one label ``[B]``
 
     @property
     def num_sparse(self) -> int:
@@ -72,7 +74,7 @@ def feature_spec(cfg: DataConfig) -> FeatureSpec:
         if s.user_id:
             sparse.append(SparseFeature("user", s.num_users))
         return FeatureSpec(sparse=tuple(sparse), num_dense=s.num_dense, has_user_id=s.user_id, raw_ids=s.raw_ids,
-                           events=s.events, event_types=s.event_types if s.events else 0)
+                           events=s.events, event_types=s.event_types if s.events else 0, tasks=s.tasks)
     vocabs = broadcast_vocab(cfg.criteo.vocab_sizes, CRITEO_NUM_SPARSE, "data.criteo.vocab_sizes")
     return FeatureSpec(
         sparse=tuple(SparseFeature(f"C{i + 1}", v) for i, v in enumerate(vocabs)),

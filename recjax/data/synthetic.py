@@ -39,6 +39,13 @@ Per example (``F = num_sparse`` item features, plus the ``user`` column when ``u
   counts 16x an impression when K = 3) and recency horizons ``T_k = 4 event_gap_hours 2^k``:
   only a model that matches the target against recent events of the right types can learn it.
 - ``label_prob = sigmoid(logit)``; ``label = uniform < label_prob`` from a separate hash stream.
+- tasks (``tasks = T > 0``): ``T`` labels per example. Task ``t``'s logit is
+  ``b_t + sqrt(rho) z + sqrt(1 - rho) scale h_t / std(h_t)`` with ``z`` the shared teacher
+  above (without its bias), ``rho = task_shared_share``, ``h_t`` a task-specific random tanh
+  MLP (``teacher_hidden`` units) over the same input as ``deep``, and ``b_t`` set by bisection
+  so task ``t``'s mean rate on the calibration sample is ``task_ctr[t]`` (rates of 1% and
+  below give sparse-label tasks). Each task draws its label from its own hash stream; the
+  Bayes loss of each is ``mean H(label_prob[:, t])``.
 
 What the knobs do to a scaling law (measured on the teacher alone by
 ``notebooks/stream_knobs.py``, ``notebooks/results/stream_knobs.md``):
@@ -155,6 +162,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def _bias_for_rate(z: np.ndarray, rate: float) -> float:
+    """The bias ``b`` with ``mean sigmoid(z + b) = rate`` (bisection on [-40, 40])."""
+    lo, hi = -40.0, 40.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _sigmoid(z + mid).mean() < rate else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def bayes_logloss(label_prob: np.ndarray) -> float:
     """Mean binary entropy (nats) of the teacher probabilities: the Bayes-optimal logloss."""
     q = np.clip(np.asarray(label_prob, np.float64), 1e-7, 1.0 - 1e-7)
@@ -231,7 +247,9 @@ class SyntheticCTR:
         if sum(v for v in shares.values() if v is not None) > 1.0:
             raise ConfigError(f"data.synthetic: capacity_share + sequence_share must be <= 1, got {shares}")
         # calibration: unit-std terms weighted to their variance shares, then the bias for base_ctr
-        terms = self._terms(self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET))
+        self.num_tasks = 0  # set by _init_tasks, after the shared teacher is calibrated
+        calib = self._features(np.arange(_CALIB_SIZE, dtype=np.int64) + _CALIB_OFFSET)
+        terms = self._terms(calib)
         std = terms.std(axis=0)
         live = std > 1e-9
         self._norm = np.where(live, cfg.teacher_logit_scale / np.where(live, std, 1.0), 0.0)
@@ -240,11 +258,40 @@ class SyntheticCTR:
         rest = (1.0 - sum(v for v in shares.values() if v is not None)) / max(others, 1)
         self._norm *= np.sqrt([shares[t] if f else rest for t, f in zip(cfg.teacher_terms, fixed, strict=True)])
         z = terms @ self._norm
-        lo, hi = -40.0, 40.0
-        for _ in range(80):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if _sigmoid(z + mid).mean() < cfg.base_ctr else (lo, mid)
-        self._bias = 0.5 * (lo + hi)
+        self._bias = _bias_for_rate(z, cfg.base_ctr)
+        self._init_tasks(cfg, z, calib)
+
+    def _init_tasks(self, cfg: SyntheticDataConfig, z: np.ndarray, calib: dict[str, np.ndarray]) -> None:
+        """Task-specific teachers and per-task biases from the shared logits ``z [N]`` of the
+        calibration sample ``calib``."""
+        self.num_tasks = cfg.tasks
+        if not cfg.tasks:
+            return
+        rates = cfg.task_ctr * cfg.tasks if len(cfg.task_ctr) == 1 else list(cfg.task_ctr)
+        if cfg.tasks < 0 or len(rates) != cfg.tasks or not all(0.0 < r < 1.0 for r in rates):
+            raise ConfigError(f"data.synthetic: tasks must be >= 0 with 1 or {cfg.tasks} task_ctr values in "
+                              f"(0, 1); got tasks {cfg.tasks}, task_ctr {cfg.task_ctr}")
+        if not 0.0 <= cfg.task_shared_share <= 1.0:
+            raise ConfigError(f"data.synthetic.task_shared_share must be in [0, 1], got {cfg.task_shared_share}")
+        trng = np.random.default_rng([cfg.seed % (1 << 63), 9])  # own generator: the shared teacher stays
+        x = self._deep_input(self._id_params(calib["sparse"])[:, :, :cfg.teacher_rank], calib["dense"])
+        t, h = cfg.tasks, cfg.teacher_hidden
+        self._task_w1 = (_CAPACITY_GAIN * trng.standard_normal((t, x.shape[1], h)) / math.sqrt(x.shape[1])
+                         ).astype(np.float32)
+        self._task_b1 = (0.5 * trng.standard_normal((t, 1, h))).astype(np.float32)
+        self._task_w2 = trng.standard_normal((t, h)).astype(np.float32)
+        own = self._task_terms(x)  # [N, T]
+        rho = cfg.task_shared_share
+        self._task_norm = math.sqrt(1.0 - rho) * cfg.teacher_logit_scale / np.maximum(own.std(axis=0), 1e-9)
+        self._task_shared = math.sqrt(rho)
+        zt = self._task_shared * z[:, None] + own * self._task_norm
+        self._task_bias = np.array([_bias_for_rate(zt[:, i], r) for i, r in enumerate(rates)])
+        self._task_label_inc = _incs(range(_LABEL_STREAM + 1, _LABEL_STREAM + 1 + t))
+
+    def _task_terms(self, x: np.ndarray) -> np.ndarray:
+        """``[B, T]``: each task's own teacher ``h_t = tanh(x W1_t + b1_t) w2_t``, unscaled."""
+        hid = np.tanh(np.einsum("bi,tih->tbh", x.astype(np.float32), self._task_w1) + self._task_b1)
+        return np.einsum("tbh,th->bt", hid, self._task_w2).astype(np.float64)
 
     @staticmethod
     def _check_events(cfg: SyntheticDataConfig) -> None:
@@ -281,6 +328,8 @@ class SyntheticCTR:
         ang = (2.0 * np.pi) * u[:, npair:]
         dense = np.concatenate([rad * np.cos(ang), rad * np.sin(ang)], axis=1)[:, : self.cfg.num_dense]
         label_u = _u53(mix64(base + self._label_inc))  # [B]
+        if self.num_tasks:
+            label_u = _u53(mix64(base[:, None] + self._task_label_inc))  # [B, T]
         feats = {"ids": ids, "sparse": sparse, "dense": dense.astype(np.float32), "label_u": label_u}
         if self.cfg.events:
             feats.update(self._events(base, sparse[0]))
@@ -340,7 +389,7 @@ class SyntheticCTR:
         fm = 0.5 * ((tot[:, :r] ** 2).sum(axis=1) - np.einsum("cbk,cbk->b", v, v))
         terms = {"linear": lin, "fm": fm, "dense_mlp": np.tanh(dense @ self._w1 + self._b1) @ self._w2}
         if "deep" in self.cfg.teacher_terms or "capacity" in self.cfg.teacher_terms:
-            x = np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense.astype(vals.dtype)], axis=1)
+            x = self._deep_input(v, dense)
         if "deep" in self.cfg.teacher_terms:
             terms["deep"] = np.tanh(x @ self._deep_w1 + self._deep_b1) @ self._deep_w2
         if "capacity" in self.cfg.teacher_terms:
@@ -349,6 +398,13 @@ class SyntheticCTR:
         if "sequence" in self.cfg.teacher_terms:
             terms["sequence"] = self._sequence_term(v[0], events)
         return np.stack([terms[t] for t in self.cfg.teacher_terms], axis=1).astype(np.float64)
+
+    @staticmethod
+    def _deep_input(v: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """``[B, C r + num_dense]``: every column's latent vector (``v [C, B, r]``) and the dense
+        features, the input of the ``deep``, ``capacity`` and task teachers."""
+        c, b, r = v.shape
+        return np.concatenate([v.transpose(1, 0, 2).reshape(b, c * r), dense.astype(v.dtype)], axis=1)
 
     def _sequence_term(self, target_latent: np.ndarray, events: dict[str, np.ndarray]) -> np.ndarray:
         """``[B]``: ``sum_j alpha_tau exp(-a_j / T_tau) (1[i_j = target] + <u_j, u_target> / sqrt r)``."""
@@ -366,9 +422,18 @@ class SyntheticCTR:
         return self._terms(self._features(example_ids), capacity_units) * self._norm
 
     def label_prob(self, example_ids: np.ndarray, capacity_units: int | None = None) -> np.ndarray:
-        """float64 ``[B]`` teacher probabilities; with ``capacity_units`` those of the teacher whose
-        capacity term keeps only its first hidden units (the best a width-m copy of it can do)."""
-        return _sigmoid(self._bias + self.logit_terms(example_ids, capacity_units).sum(axis=1))
+        """float64 ``[B]`` (``[B, T]`` with tasks) teacher probabilities; with ``capacity_units``
+        those of the teacher whose capacity term keeps only its first hidden units (the best a
+        width-m copy of it can do)."""
+        return self._probs(self._features(example_ids), capacity_units)
+
+    def _probs(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
+        z = self._terms(feats, capacity_units) @ self._norm  # [B]
+        if not self.num_tasks:
+            return _sigmoid(self._bias + z)
+        v = self._id_params(feats["sparse"])[:, :, :self.cfg.teacher_rank]
+        own = self._task_terms(self._deep_input(v, feats["dense"])) * self._task_norm
+        return _sigmoid(self._task_bias + self._task_shared * z[:, None] + own)
 
     def raw_ids(self, sparse: np.ndarray) -> np.ndarray:
         """Vocabulary ids ``[B, C]`` -> raw 63-bit ids as uint32 ``(hi, lo)`` halves ``[B, C, 2]``:
@@ -384,13 +449,13 @@ class SyntheticCTR:
         """The batch dict of :mod:`recjax.data.spec` for the given global ids ``[B]`` (int64).
 
         Returns ``dense`` f32 ``[B, num_dense]``, ``sparse`` i32 ``[B, C]`` (``raw_ids``: uint32
-        ``[B, C, 2]``, :meth:`raw_ids`), ``label`` f32 ``[B]``,
+        ``[B, C, 2]``, :meth:`raw_ids`), ``label`` f32 ``[B]`` (``[B, T]`` with ``tasks = T``),
         ``user_id`` i32 ``[B]`` (if ``cfg.user_id``), with ``events = L``: ``event_item`` and
         ``event_type`` i32 ``[B, L]`` (-1 past each example's length) and ``event_age`` f32 hours
-        ``[B, L]`` (0 there), ``example_id`` i64 ``[B]``, ``label_prob`` f32 ``[B]``.
+        ``[B, L]`` (0 there), ``example_id`` i64 ``[B]``, ``label_prob`` f32 shaped as ``label``.
         """
         feats = self._features(example_ids)
-        prob = _sigmoid(self._bias + self._terms(feats) @ self._norm)
+        prob = self._probs(feats)
         sparse = np.ascontiguousarray(feats["sparse"].T, dtype=np.int32)
         out = {
             "dense": feats["dense"],

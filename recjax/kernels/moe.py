@@ -133,12 +133,7 @@ def route(logits: jax.Array, k: int, *, gate: Gate = "softmax") -> Routing:
     if gate not in ("softmax", "relu"):
         raise ValueError(f"route: gate must be 'softmax' or 'relu', got {gate!r}")
     logits = logits.astype(jnp.float32)
-    # A stable sort along E rather than lax.top_k (same result and tie order): GSPMD
-    # replicates top_k's operand when its batch dims are sharded, but partitions a sort.
-    axis = logits.ndim - 1
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
-    neg, ids = jax.lax.sort((-logits, iota), dimension=axis, is_stable=True, num_keys=1)
-    top, ids = -neg[..., :k], ids[..., :k]
+    top, ids = top_k(logits, k)
     weights = jax.nn.softmax(top, axis=-1) if gate == "softmax" else jax.nn.relu(top)
     onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)  # [..., N, k, E]
     group_sizes = onehot.sum(axis=(-3, -2))
@@ -151,6 +146,16 @@ def route(logits: jax.Array, k: int, *, gate: Gate = "softmax") -> Routing:
         "load_balance_loss": jnp.mean(loss),
     }
     return Routing(weights, ids.astype(jnp.int32), group_sizes, stats)
+
+
+def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest of ``values [..., E]`` and their int32 ids, descending, ties to the
+    lower id. A stable sort along ``E`` rather than ``lax.top_k`` (same result and tie order):
+    GSPMD replicates top_k's operand when its batch dims are sharded, but partitions a sort."""
+    axis = values.ndim - 1
+    iota = jax.lax.broadcasted_iota(jnp.int32, values.shape, axis)
+    neg, ids = jax.lax.sort((-values, iota), dimension=axis, is_stable=True, num_keys=1)
+    return -neg[..., :k], ids[..., :k]
 
 
 # ------------------------------------------------------------------------ permute / unpermute
@@ -206,7 +211,7 @@ def unpermute(y: jax.Array, perm: Permutation, weights: jax.Array) -> jax.Array:
 
     ``y [N*k, D]`` (sorted as :func:`permute`), ``weights [N, k]`` ->
     ``out[n] = sum_j weights[n, j] * y[inverse[n*k + j]]`` ``[N, D]`` fp32. With all weights 1
-    and ``k == 1`` it inverts :func:`permute`. Backward (gathers only):
+    and ``k == 1`` it inverts :func:`permute`. Backward (gathers only, see :func:`unsort`):
     ``dy[i] = weights.flat[order[i]] * dout[order[i] // k]`` and
     ``dweights[n, j] = <dout[n], y[inverse[n*k + j]]>``.
     """
@@ -214,30 +219,26 @@ def unpermute(y: jax.Array, perm: Permutation, weights: jax.Array) -> jax.Array:
         raise ValueError(
             f"unpermute: expected y [N*k, D] and weights [N, k], got {y.shape} and {weights.shape}"
         )
-    return _combine(y, perm, weights.astype(jnp.float32))
+    return jnp.einsum("nkd,nk->nd", unsort(y, perm, weights.shape[1]), weights.astype(jnp.float32))
 
 
-@jax.custom_vjp
-def _combine(y, perm: Permutation, weights):
-    n, k = weights.shape
-    rows = y[perm.inverse].astype(jnp.float32).reshape(n, k, -1)
-    return jnp.einsum("nkd,nk->nd", rows, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def unsort(y: jax.Array, perm: Permutation, k: int) -> jax.Array:
+    """Expert-sorted rows back to their token slots: ``y [N*k, D]`` -> fp32 ``[N, k, D]`` with
+    ``out[n, j] = y[inverse[n*k + j]]``. Backward: ``dy = dout.flat[order]``, a gather."""
+    return y[perm.inverse].astype(jnp.float32).reshape(-1, k, y.shape[-1])
 
 
-def _combine_fwd(y, perm, weights):
-    return _combine(y, perm, weights), (y, perm, weights)
+def _unsort_fwd(y, perm, k):
+    return unsort(y, perm, k), (perm, jnp.zeros((0,), y.dtype))  # an empty array carries y's dtype
 
 
-def _combine_bwd(res, dout):
-    y, perm, weights = res
-    n, k = weights.shape
-    rows = y[perm.inverse].astype(jnp.float32).reshape(n, k, -1)
-    dweights = jnp.einsum("nkd,nd->nk", rows, dout)
-    dy = weights.reshape(-1)[perm.order, None] * dout[perm.order // k]
-    return dy.astype(y.dtype), None, dweights
+def _unsort_bwd(k, res, dout):
+    perm, like = res
+    return dout.reshape(-1, dout.shape[-1])[perm.order].astype(like.dtype), None
 
 
-_combine.defvjp(_combine_fwd, _combine_bwd)
+unsort.defvjp(_unsort_fwd, _unsort_bwd)
 
 
 # ------------------------------------------------------------------------------ grouped matmul
@@ -418,22 +419,36 @@ def expert_ffn(x, r: Routing, w_gate_up, w_down, impl: str) -> jax.Array:
 
 
 def _moe_sorted(x, r: Routing, w_gate_up, w_down, impl):
-    """permute -> grouped matmul (gate|up, SwiGLU fused for pallas) -> grouped matmul -> unpermute."""
+    """:func:`expert_slots`, then the weighted combine over each token's ``k`` slots (fp32)."""
+    slots = expert_slots(x, r.expert_ids, r.group_sizes, w_gate_up, w_down, impl)
+    return jnp.einsum("pnkd,pnk->pnd", slots, r.weights.astype(jnp.float32))
+
+
+def expert_slots(x, expert_ids, group_sizes, w_gate_up, w_down, impl: str) -> jax.Array:
+    """Each token's selected experts, each computed once, uncombined: permute -> grouped matmul
+    (gate|up, SwiGLU fused for pallas) -> grouped matmul -> :func:`unsort`.
+
+    ``x [P, N, D]``, ``expert_ids [P, N, k]`` int32 (``E`` marks an empty slot: no expert
+    computes it and it is zero), ``group_sizes [P, E]`` (the non-empty slots per expert; their
+    sum is the number of rows the grouped matmuls compute), weights as :func:`moe_ffn`, ``impl``
+    a :func:`grouped_matmul` implementation (not ``auto``) -> fp32
+    ``out [P, N, k, D]`` with ``out[p, n, j] = Expert_{ids[p,n,j]}(x[p, n])``.
+    """
     p, n, d = x.shape
     e, f = w_gate_up.shape[1], w_gate_up.shape[-1]
+    k = expert_ids.shape[-1]
     w_gu = w_gate_up.reshape(p, e, d, 2 * f)  # [gate | up] columns, no copy
     if impl == "xla":
-        xs, perm = jax.vmap(permute)(x, r.expert_ids)  # [P, N*k, D]; empty copies (id E) last
+        xs, perm = jax.vmap(permute)(x, expert_ids)  # [P, N*k, D]; empty copies (id E) last
         gmm = functools.partial(grouped_matmul, preferred_element_type=jnp.float32, impl="xla")
-        h = jax.vmap(gmm)(xs, w_gu, r.group_sizes)
-        o = jax.vmap(gmm)(_swiglu(h, f).astype(x.dtype), w_down, r.group_sizes)
-        return jax.vmap(unpermute)(o, perm, r.weights)
+        h = jax.vmap(gmm)(xs, w_gu, group_sizes)
+        o = jax.vmap(gmm)(_swiglu(h, f).astype(x.dtype), w_down, group_sizes)
+        return jax.vmap(unsort, in_axes=(0, 0, None))(o, perm, k)
     # one launch over P*E groups: rows sorted by p*E + e, empty copies after all of them
-    k = r.expert_ids.shape[-1]
     sets = jnp.arange(p, dtype=jnp.int32)[:, None, None]
-    key = jnp.where(r.expert_ids < e, sets * e + r.expert_ids, p * e).reshape(p * n, k)
+    key = jnp.where(expert_ids < e, sets * e + expert_ids, p * e).reshape(p * n, k)
     xs, perm = permute(x.reshape(p * n, d), key)
-    gs = r.group_sizes.reshape(p * e)
+    gs = group_sizes.reshape(p * e)
     w_gu = w_gu.reshape(p * e, d, 2 * f)
     if impl in ("pallas", "interpret"):
         cfg = GmmConfig(interpret=impl == "interpret")
@@ -442,7 +457,7 @@ def _moe_sorted(x, r: Routing, w_gate_up, w_down, impl):
         h = grouped_matmul(xs, w_gu, gs, preferred_element_type=jnp.float32, impl=impl)
         a = _swiglu(h, f).astype(x.dtype)
     o = grouped_matmul(a, w_down.reshape(p * e, f, d), gs, preferred_element_type=jnp.float32, impl=impl)
-    return unpermute(o, perm, r.weights.reshape(p * n, k)).reshape(p, n, d)
+    return unsort(o, perm, k).reshape(p, n, k, d)
 
 
 def _moe_dense(x, r: Routing, w_gate_up, w_down, impl):

@@ -4,7 +4,8 @@ A model is built from ``(cfg, data_info, rngs)`` (:func:`build_model`): ``data_i
 its task knows about the data (a CTR :class:`~recjax.data.spec.FeatureSpec`, or the
 sequential task's :class:`~recjax.models.seqrec.SequenceInfo`); models import no data
 readers. The call convention is the task's (``recjax.tasks``): CTR models are
-``model(batch, train=True) -> (logits [B], aux)`` with ``aux`` a dict of diagnostics
+``model(batch, train=True) -> (logits [B], aux)`` (``[B, T]`` on multi-task data, for models
+registered with ``multi_task``) with ``aux`` a dict of diagnostics
 (scalars, or ``[E]`` vectors logged per entry); ``aux["aux_loss"]`` is a scalar added to the
 task loss and ``aux["aux_logits"]`` an auxiliary head's logits that the task scores with the
 same BCE. ``train=False`` is the serving path used by evaluation.
@@ -43,6 +44,7 @@ class ModelEntry:
     task: str = "ctr"  # the recjax.tasks entry that trains this model
     inactive_params: CountFn | None = None  # params an example does not use (unselected experts)
     activation_bytes: CountFn | None = None  # activations kept for backward, per example
+    multi_task: bool = False  # predicts the T labels of multi-task data (logits [B, T])
 
 
 def register(
@@ -54,9 +56,10 @@ def register(
     task: str = "ctr",
     inactive_params: CountFn | None = None,
     activation_bytes: CountFn | None = None,
+    multi_task: bool = False,
 ) -> None:
     MODELS.register(
-        name, ModelEntry(name, config_cls, build, forward_flops, task, inactive_params, activation_bytes)
+        name, ModelEntry(name, config_cls, build, forward_flops, task, inactive_params, activation_bytes, multi_task)
     )
 
 

@@ -314,7 +314,7 @@ def _sp_moe(s: Shapes, p: dict[str, jax.Array], xn: jax.Array) -> tuple[jax.Arra
 
 
 class TokenMixerLarge(nnx.Module):
-    """``model(batch, train) -> (logits fp32 [B], aux)``: ``aux["aux_loss"]`` (MoE balance) joins
+    """``model(batch, train) -> (logits fp32 [B] ([B, T] on multi-task data), aux)``: ``aux["aux_loss"]`` (MoE balance) joins
     the loss, and so does the task's BCE of ``aux["aux_logits"]`` (the auxiliary head)."""
 
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -336,10 +336,12 @@ class TokenMixerLarge(nnx.Module):
         self.layers = nnx.Dict(layer_params(self.s, rngs))
         ones = nnx.initializers.ones_init()
         self.final_norm = stacked_param(rngs, (m.num_tokens, m.dim), ("tokens", None), ones)
-        self.head = MLP(m.dim, [*m.head_hidden, 1], activation="relu", dtype=dtype, rngs=rngs)
+        self.tasks = features.tasks  # multi-task data: one logit per task from the same head
+        outputs = max(features.tasks, 1)
+        self.head = MLP(m.dim, [*m.head_hidden, outputs], activation="relu", dtype=dtype, rngs=rngs)
         if self.aux_weight > 0:
             self.aux_norm = stacked_param(rngs, (m.num_tokens, m.dim), ("tokens", None), ones)
-            self.aux_head = dense(m.dim, 1, axes=("embed", None), dtype=dtype, rngs=rngs)
+            self.aux_head = dense(m.dim, outputs, axes=("embed", None), dtype=dtype, rngs=rngs)
 
     def _layers(self, x: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """Run the ``L`` blocks; returns (top output, aux-layer output, per-layer MoE stats)."""
@@ -381,11 +383,11 @@ class TokenMixerLarge(nnx.Module):
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))
         x = constrain(self.tokenizer(x0), ("batch", "tokens", None))
         top, lower, stats = self._layers(x)
-        logits = self.head(self._pool(top, self.final_norm))[:, 0].astype(jnp.float32)
+        logits = self._logits(self.head(self._pool(top, self.final_norm)))
         aux: dict[str, Any] = dict(stats)
         aux_loss = jnp.zeros((), jnp.float32)
         if self.aux_weight > 0:  # the ctr task scores these with the same BCE, times the weight
-            aux["aux_logits"] = self.aux_head(self._pool(lower, self.aux_norm))[:, 0].astype(jnp.float32)
+            aux["aux_logits"] = self._logits(self.aux_head(self._pool(lower, self.aux_norm)))
             aux["aux_logits_weight"] = jnp.float32(self.aux_weight)
         if stats:
             lb = stats["load_balance_loss"].mean()
@@ -396,7 +398,11 @@ class TokenMixerLarge(nnx.Module):
             if self.lb_weight > 0:
                 aux_loss = aux_loss + self.lb_weight * lb
         aux["aux_loss"] = aux_loss
-        return constrain(logits, ("batch",)), aux
+        return constrain(logits, ("batch",) + ((None,) if self.tasks else ())), aux
+
+    def _logits(self, out: jax.Array) -> jax.Array:
+        """Head output ``[B, max(T, 1)]`` -> fp32 logits ``[B]`` (one label) or ``[B, T]``."""
+        return (out if self.tasks else out[:, 0]).astype(jnp.float32)
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> TokenMixerLarge:
@@ -423,9 +429,10 @@ def forward_flops(cfg: Config, features: FeatureSpec, active: bool = True) -> fl
             per_layer += s.tokens * 6.0 * s.dim * s.expert_hidden
     flops = s.layers * per_layer
     flops += tokenizer_flops(groups, m.dim, m.tokenizer_hidden, width if m.global_token else None)
-    flops += mlp_flops(m.dim, [*m.head_hidden, 1])
+    outputs = max(features.tasks, 1)
+    flops += mlp_flops(m.dim, [*m.head_hidden, outputs])
     if m.aux_loss_weight > 0:
-        flops += 2.0 * m.dim
+        flops += 2.0 * m.dim * outputs
     return flops
 
 
@@ -457,5 +464,5 @@ def activation_bytes_per_example(cfg: Config, features: FeatureSpec) -> float:
 
 register(
     "tokenmixer_large", TokenMixerLargeConfig, build, forward_flops,
-    inactive_params=inactive_params, activation_bytes=activation_bytes_per_example,
+    inactive_params=inactive_params, activation_bytes=activation_bytes_per_example, multi_task=True,
 )

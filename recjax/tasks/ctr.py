@@ -2,14 +2,17 @@
 
 Data: the synthetic teacher stream or Criteo TSV files (``recjax.data.pipeline``), batches of
 ``dense [B, num_dense] f32``, ``sparse [B, F] int32`` (raw ids: ``[B, F, 2] uint32``), ``label [B] f32`` (``user_id [B]`` for
-GAUC). Loss, with ``z`` the model's logits and ``y`` the labels::
+GAUC). Multi-task data (``data.synthetic.tasks = T``) has ``label [B, T]``, models registered
+``multi_task`` give logits ``[B, T]``, and the BCE below becomes the weighted sum over tasks of
+``recjax.tasks.multitask``. Loss, with ``z`` the model's logits and ``y`` the labels::
 
     loss  = mean_b BCE(z_b, y_b),   BCE(z, y) = softplus(z) - y z
     total = loss + w_aux mean_b BCE(z_aux_b, y_b)  (aux["aux_logits"], weight aux["aux_logits_weight"])
                  + aux["aux_loss"]                 (label-free model penalties, e.g. MoE balance)
 
 Evaluation (split ``eval``): AUC, logloss, NE, GAUC and, on synthetic data, the Bayes logloss
-(``recjax.tasks.metrics``), plus the out-of-vocabulary share of the lookups.
+(``recjax.tasks.metrics``), plus the out-of-vocabulary share of the lookups; per task and
+their mean on multi-task data.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -27,10 +29,12 @@ from recjax.data import pipeline
 from recjax.data.spec import DEVICE_KEYS, FeatureSpec, feature_spec
 from recjax.errors import ConfigError, DataError
 from recjax.layers.embedding import present
+from recjax.models import registry as models
 from recjax.parallel import sharding as shd
 from recjax.registry import TASKS
 from recjax.tasks.base import Evaluator, Metrics, Task, scalar_metrics
 from recjax.tasks.metrics import StreamingEval
+from recjax.tasks.multitask import MultiTaskEval, bce, task_weights
 
 SOURCES = ("synthetic", "criteo")
 
@@ -51,6 +55,12 @@ class CTRTask(Task):
                               f"{SOURCES}, got {cfg.data.source!r}")
         if cfg.train.epochs:
             raise ConfigError("train.epochs: the ctr task streams without epochs; set train.steps")
+        tasks = feature_spec(cfg.data).tasks
+        if tasks and not models.get(cfg.model.name).multi_task:
+            multi = [n for n in models.MODELS.names() if models.get(n).multi_task]
+            raise ConfigError(f"data.synthetic.tasks={tasks}: model '{cfg.model.name}' predicts one label; "
+                              f"multi-task models: {multi}")
+        task_weights(cfg, tasks or 1)
 
     @property
     def data_info(self) -> FeatureSpec:
@@ -62,7 +72,7 @@ class CTRTask(Task):
             "dense": jax.ShapeDtypeStruct((g, f.num_dense), jnp.float32),
             "sparse": (jax.ShapeDtypeStruct((g, f.num_sparse, 2), jnp.uint32) if f.raw_ids
                        else jax.ShapeDtypeStruct((g, f.num_sparse), jnp.int32)),
-            "label": jax.ShapeDtypeStruct((g,), jnp.float32),
+            "label": jax.ShapeDtypeStruct((g, f.tasks) if f.tasks else (g,), jnp.float32),
         }
         if f.has_user_id:
             out["user_id"] = jax.ShapeDtypeStruct((g,), jnp.int32)
@@ -76,10 +86,13 @@ class CTRTask(Task):
         del rng  # the CTR models are deterministic
         logits, aux = model(batch, train=True)
         aux = dict(aux)
-        loss = optax.sigmoid_binary_cross_entropy(logits, batch["label"]).mean()
+        weights = task_weights(self.cfg, self.data_info.tasks or 1)
+        loss, per_task = bce(logits, batch["label"], weights)
+        if per_task is not None:
+            aux["task_loss"] = per_task
         total = loss
         if "aux_logits" in aux:
-            head = optax.sigmoid_binary_cross_entropy(aux.pop("aux_logits"), batch["label"]).mean()
+            head, _ = bce(aux.pop("aux_logits"), batch["label"], weights)
             aux["aux_head_loss"] = head
             total = total + aux.pop("aux_logits_weight") * head
         if "aux_loss" in aux:
@@ -112,6 +125,11 @@ class CTRTask(Task):
         parts.append(f"| NE {m['ne']:.4f} | AUC {m['auc']:.4f}")
         if "gauc" in m:
             parts.append(f"| GAUC {m['gauc']:.4f}")
+        tasks = self.data_info.tasks
+        if tasks:
+            parts[0] = f"{split} @ {step}: mean of {tasks} tasks: logloss {m['logloss']:.5f}"
+            parts.append("| " + ", ".join(f"t{t} AUC {m[f't{t}/auc']:.4f}" + (
+                f" excess KL {m[f't{t}/excess_kl']:.5f}" if f"t{t}/excess_kl" in m else "") for t in range(tasks)))
         parts.append(f"| {int(m['count'])} examples")
         if m.get("oov_rate", 0) > 0:
             parts.append(f"| OOV {100 * m['oov_rate']:.2f}%")
@@ -143,7 +161,8 @@ class StreamEvaluator:
         cfg = self.task.cfg
         it = pipeline.make_iterator(cfg.data, "eval", process_index=jax.process_index(),
                                     process_count=jax.process_count())
-        metrics = StreamingEval()
+        tasks = self.task.data_info.tasks
+        metrics = MultiTaskEval(tasks) if tasks else StreamingEval()
         oov = lookups = 0
         for local in it:
             batch = self.setup.global_batch({k: local[k] for k in (*DEVICE_KEYS, "label_prob") if k in local})
