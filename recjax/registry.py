@@ -47,6 +47,7 @@ MODELS = Registry("model", {
     "tokenmixer_large": "recjax.models.tokenmixer_large",
     "wukong": "recjax.models.wukong",
     "kunlun": "recjax.models.kunlun",
+    "hemix": "recjax.models.hemix",
     "mmoe": "recjax.models.multitask",
     "ple": "recjax.models.multitask",
     "smes": "recjax.models.multitask",

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -132,3 +133,36 @@ def read_losses(run_dir: pathlib.Path) -> dict[int, float]:
 def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
     d = run_dir / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def model_logits(model: Any, batch: dict[str, Any]) -> Any:
+    """A CTR model's jitted forward: ``model(batch)[0]``."""
+    import jax
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda p, b: nnx.merge(graphdef, p)(b)[0])(params, batch)
+
+
+def assert_adam_lowers_loss(model: Any, batch: dict[str, Any], steps: int = 4) -> None:
+    """``steps`` Adam steps on one batch's BCE give finite, falling losses."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    opt = optax.adam(3e-3)
+    loss = lambda p: optax.sigmoid_binary_cross_entropy(nnx.merge(graphdef, p)(batch)[0], batch["label"]).mean()
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss)(p)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    state, losses = opt.init(params), []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses

@@ -10,16 +10,16 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from recjax.config import SyntheticDataConfig, load_config
 from recjax.data.spec import feature_spec
 from recjax.data.synthetic import SyntheticCTR
+from recjax.layers.events import most_recent
 from recjax.models import registry
-from recjax.models.kunlun import _select, component_flops
-from tests.conftest import run_cli, tiny
+from recjax.models.kunlun import component_flops
+from tests.conftest import assert_adam_lowers_loss, model_logits, run_cli, tiny
 
 CONFIG = "configs/experiments/kunlun_events.yaml"
 SMALL = [  # a small event stream and model, so each variant compiles in seconds
@@ -75,9 +75,9 @@ def test_sequence_term_needs_events():
 def test_select_keeps_the_most_recent_events_of_a_type():
     kinds = jnp.array([[0, 1, 0, 2, 0, -1]])
     pos = jnp.arange(6)[None, :]
-    (picked, n) = _select(kinds == 0, 2, pos)
+    (picked, n) = most_recent(kinds == 0, 2, pos)
     assert picked.tolist() == [[4, 2]] and n.tolist() == [2]
-    (picked, n) = _select(kinds == 2, 3, pos)
+    (picked, n) = most_recent(kinds == 2, 3, pos)
     assert picked[0, 0] == 3 and n.tolist() == [1]
 
 
@@ -88,29 +88,6 @@ def _setup(*overrides):
     batch = {k: jnp.asarray(v) for k, v in SyntheticCTR(cfg.data.synthetic).examples(np.arange(64)).items()
              if k not in ("example_id", "label_prob")}
     return cfg, fs, model, batch
-
-
-def _logits(model, batch):
-    graphdef, params = nnx.split(model)
-    return jax.jit(lambda p, b: nnx.merge(graphdef, p)(b)[0])(params, batch)
-
-
-def _trains(model, batch, steps=4):
-    graphdef, params = nnx.split(model)
-    opt = optax.adam(3e-3)
-    loss = lambda p: optax.sigmoid_binary_cross_entropy(nnx.merge(graphdef, p)(batch)[0], batch["label"]).mean()
-
-    @jax.jit
-    def step(p, s):
-        value, grads = jax.value_and_grad(loss)(p)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, value
-
-    state, losses = opt.init(params), []
-    for _ in range(steps):
-        params, state, value = step(params, state)
-        losses.append(float(value))
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
 SWITCHES = ["model.interaction=pffn", "model.pooling=pma", "model.sliding_window=false", "model.compskip=false",
@@ -136,25 +113,25 @@ def test_each_switch_builds_trains_and_changes_what_it_should(switch):
         assert len(model.towers) == 1 and tower.pooling[1].seeds.shape[0] == 4
     elif switch == "model.rote=false":  # ages reach the model only through ROTE
         older = {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}
-        np.testing.assert_array_equal(_logits(model, batch), _logits(model, older))
+        np.testing.assert_array_equal(model_logits(model, batch), model_logits(model, older))
     elif switch == "model.global_experts=1":
         assert all(len(m.experts) == 1 for m in model.mixtures)
     elif switch == "model.use_sequence=false":
         other = {**batch, "event_item": (batch["event_item"] + 7) % 500}
-        np.testing.assert_array_equal(_logits(model, batch), _logits(model, other))
+        np.testing.assert_array_equal(model_logits(model, batch), model_logits(model, other))
         assert flops["attention"] == flops["interaction"] == 0
-    _trains(model, batch)
+    assert_adam_lowers_loss(model, batch)
 
 
 def test_sequence_model_reads_ages_and_items_but_not_padding():
     _, _, model, batch = _setup()
-    out = _logits(model, batch)
-    assert not np.allclose(out, _logits(model, {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}))
+    out = model_logits(model, batch)
+    assert not np.allclose(out, model_logits(model, {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}))
     valid = batch["event_type"] >= 0
-    assert not np.allclose(out, _logits(model, {**batch, "event_item": jnp.where(valid, (batch["event_item"] + 7) % 500, -1)}))
+    assert not np.allclose(out, model_logits(model, {**batch, "event_item": jnp.where(valid, (batch["event_item"] + 7) % 500, -1)}))
     padded = {**batch, "event_item": jnp.where(valid, batch["event_item"], 3),
               "event_age": jnp.where(valid, batch["event_age"], 99.0)}  # padding still has type -1
-    np.testing.assert_allclose(out, _logits(model, padded), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, model_logits(model, padded), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("switch", [None, "model.compskip=false"])
@@ -180,7 +157,7 @@ def test_forward_flops_match_xla(switch):
     assert 0.97 < xla / (registry.forward_flops_per_example(cfg, fs) * b) < 1.05
 
 
-def test_tiny_preset_trains(tmp_path: pathlib.Path):
+def test_tiny_presetassert_adam_lowers_loss(tmp_path: pathlib.Path):
     run_dir = tmp_path / "kunlun"
     run_cli(["train", "--config", CONFIG, *tiny("train.steps=30", "train.eval_every=30", "train.checkpoint_every=0",
                                                 "data.synthetic.vocab_sizes=[2000]"), f"run_dir={run_dir}"])

@@ -381,7 +381,6 @@ class SyntheticCTR:
         """:meth:`_terms` from explicit per-id parameters ``vals [C, B, r + 1]`` (float32 for the
         stream; float64 to differentiate the teacher numerically) and the examples' ``events``
         (:meth:`_events`; the event items' latents are taken as given)."""
-        c, b, _ = vals.shape
         r = self.cfg.teacher_rank
         tot = vals.sum(axis=0, dtype=vals.dtype)  # [B, r + 1]; unit-variance entries
         lin = tot[:, r]
@@ -428,11 +427,11 @@ class SyntheticCTR:
         return self._probs(self._features(example_ids), capacity_units)
 
     def _probs(self, feats: dict[str, np.ndarray], capacity_units: int | None = None) -> np.ndarray:
-        z = self._terms(feats, capacity_units) @ self._norm  # [B]
+        vals = self._id_params(feats["sparse"])
+        z = self._terms_of(vals, feats["dense"], capacity_units, feats) @ self._norm  # [B]
         if not self.num_tasks:
             return _sigmoid(self._bias + z)
-        v = self._id_params(feats["sparse"])[:, :, :self.cfg.teacher_rank]
-        own = self._task_terms(self._deep_input(v, feats["dense"])) * self._task_norm
+        own = self._task_terms(self._deep_input(vals[:, :, :self.cfg.teacher_rank], feats["dense"])) * self._task_norm
         return _sigmoid(self._task_bias + self._task_shared * z[:, None] + own)
 
     def raw_ids(self, sparse: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.kernels.gdpa import ACTIVATIONS, banded_shape
 from recjax.layers.embedding import EmbeddingCollection
+from recjax.layers.events import most_recent
 from recjax.layers.kunlun import (
     WINDOW_CHUNK,
     ContextInteraction,
@@ -149,18 +150,6 @@ def _is_pooling(layer: int, layers: int, compskip: bool) -> bool:
     return _is_interaction(layer, compskip) or layer == layers - 1
 
 
-def _select(valid_kind: jax.Array, length: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """The ``length`` most recent positions where ``valid_kind [B, L]``, most recent first and
-    valid ones first; returns each of ``arrays`` gathered ``[B, length, ...]`` and the counts."""
-    L = valid_kind.shape[1]
-    pos = jnp.arange(L)[None, :]
-    order = jnp.argsort(jnp.where(valid_kind, L - pos, 2 * L + pos), axis=1)[:, :length]
-    n = jnp.minimum(jnp.sum(valid_kind, axis=1), length).astype(jnp.int32)
-    picked = tuple(jnp.take_along_axis(a, order.reshape(*order.shape, *([1] * (a.ndim - 2))), axis=1)
-                   for a in arrays)
-    return (*picked, n)
-
-
 class Tower(nnx.Module):
     """One event tower: embedding, its interaction / attention / pooling layers, summary projection."""
 
@@ -249,7 +238,7 @@ class Kunlun(nnx.Module):
             types, age = batch["event_type"], batch["event_age"]
             for tower, kinds, length in zip(self.towers, self.tower_kinds, self.tower_lengths, strict=True):
                 hit = jnp.isin(types, jnp.asarray(kinds)) & (types >= 0)
-                r, t, a, n = _select(hit, length, rows, types, age)
+                r, t, a, n = most_recent(hit, length, rows, types, age)
                 seqs.append([tower.embed(r, t, n), a, n])
                 summaries.append(None)
         for layer, mixture in enumerate(self.mixtures):

@@ -96,6 +96,7 @@ class TaskTowers(nnx.Module):
     """``[T, B, D] -> [T, B]``: an MLP per task (ReLU between layers), weights stacked ``[T, ...]``."""
 
     def __init__(self, tasks: int, widths: list[int], *, rngs: nnx.Rngs):
+        self.tasks = tasks
         self.kernels = nnx.List([stacked_param(rngs, (tasks, a, b), (None, None, None), xavier_init())
                                  for a, b in zip(widths[:-1], widths[1:], strict=True)])
         self.biases = nnx.List([nnx.Param(jnp.zeros((tasks, 1, b), jnp.float32)) for b in widths[1:]])
