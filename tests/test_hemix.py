@@ -132,3 +132,14 @@ def test_tiny_preset_trains(tmp_path: pathlib.Path):
                                                 "data.synthetic.vocab_sizes=[2000]"), f"run_dir={run_dir}"])
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 30] and evals[1]["logloss"] < evals[0]["logloss"]
+
+
+def test_1b_preset_size():
+    """configs/models/hemix_1b.yaml: about 1B dense parameters on a 1024-event stream."""
+    cfg = load_config("configs/models/hemix_1b.yaml", ["data.synthetic.events=1024", "data.synthetic.event_types=3"])
+    fs = feature_spec(cfg.data)
+    params = nnx.state(nnx.eval_shape(lambda: registry.build_model(cfg, fs, nnx.Rngs(0))), nnx.Param)
+    leaves = jax.tree.leaves_with_path(params)
+    dense = sum(leaf.size for path, leaf in leaves if "embedding" not in jax.tree_util.keystr(path))
+    assert 0.95e9 < dense < 1.1e9
+    assert 4e9 < registry.forward_flops_per_example(cfg, fs) < 6e9

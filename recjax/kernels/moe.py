@@ -8,6 +8,9 @@ each set has its own router and experts, and routes its own ``N`` tokens).
 - :func:`permute` / :func:`unpermute` -- sort the ``N*k`` token copies by expert and back,
   with the weighted combine in fp32 (both backward passes are gathers, see below).
 - :func:`grouped_matmul` -- ``out[m] = x[m] @ w[g(m)]`` over expert-sorted rows.
+- :func:`expert_slots` -- each token's selected experts computed once and left uncombined
+  (``[N, k, D]``), for callers that weight them several ways (SMES's tasks,
+  :mod:`recjax.layers.multitask`); an expert id ``E`` marks an empty slot that costs nothing.
 - :func:`moe_ffn` -- the SwiGLU expert layer built from them, with the gate and up weights
   stored pre-concatenated as ``w_gate_up [.., D, 2, F]`` (``[.., D, 2F]`` in memory: no copy
   per call; the size-2 axis keeps each hidden unit's gate and up column on the same device
