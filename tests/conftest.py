@@ -166,3 +166,26 @@ def assert_adam_lowers_loss(model: Any, batch: dict[str, Any], steps: int = 4) -
         params, state, value = step(params, state)
         losses.append(float(value))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def xla_over_analytic_forward_flops(cfg: Any, batch: int = 16) -> float:
+    """XLA's cost analysis of a CTR model's jitted forward over ``batch`` examples (built
+    abstractly from ``cfg``; event keys when the stream has events) over the registry's analytic
+    forward FLOPs for as many examples."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from recjax.data.spec import feature_spec
+    from recjax.models import registry
+
+    fs = feature_spec(cfg.data)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: registry.build_model(cfg, fs, nnx.Rngs(0))))
+    shapes = {"dense": ((batch, fs.num_dense), jnp.float32), "sparse": ((batch, fs.num_sparse), jnp.int32)}
+    if fs.events:
+        shapes.update({"event_item": ((batch, fs.events), jnp.int32), "event_type": ((batch, fs.events), jnp.int32),
+                       "event_age": ((batch, fs.events), jnp.float32)})
+    abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+    xla = fwd.lower(params, abstract).compile().cost_analysis()["flops"]
+    return xla / (registry.forward_flops_per_example(cfg, fs) * batch)

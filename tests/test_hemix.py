@@ -18,7 +18,14 @@ from recjax.data.spec import feature_spec
 from recjax.data.synthetic import SyntheticCTR
 from recjax.layers.hemix import HeteroMixerBlock, QueryCrossAttention
 from recjax.models import registry
-from tests.conftest import assert_adam_lowers_loss, model_logits, run_cli, tiny, with_overrides
+from tests.conftest import (
+    assert_adam_lowers_loss,
+    model_logits,
+    run_cli,
+    tiny,
+    with_overrides,
+    xla_over_analytic_forward_flops,
+)
 
 CONFIG = "configs/experiments/hemix_events.yaml"
 SMALL = ["data.synthetic.events=24", "data.synthetic.event_min=2", "data.synthetic.vocab_sizes=[500]",
@@ -114,16 +121,7 @@ def test_multi_task_data_gives_one_logit_per_task():
 def test_forward_flops_match_xla(variant):
     cfg = load_config(CONFIG, with_overrides(SMALL, "model.dim=64", "model.ffn_hidden=128", "model.rank=16",
                                              *([variant] if variant else [])))
-    fs = feature_spec(cfg.data)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: registry.build_model(cfg, fs, nnx.Rngs(0))))
-    b, L = 16, fs.events
-    batch = {"dense": jax.ShapeDtypeStruct((b, fs.num_dense), jnp.float32),
-             "sparse": jax.ShapeDtypeStruct((b, fs.num_sparse), jnp.int32),
-             "event_item": jax.ShapeDtypeStruct((b, L), jnp.int32), "event_type": jax.ShapeDtypeStruct((b, L), jnp.int32),
-             "event_age": jax.ShapeDtypeStruct((b, L), jnp.float32)}
-    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
-    xla = fwd.lower(params, batch).compile().cost_analysis()["flops"]
-    assert 0.97 < xla / (registry.forward_flops_per_example(cfg, fs) * b) < 1.05
+    assert 0.97 < xla_over_analytic_forward_flops(cfg) < 1.05
 
 
 def test_tiny_preset_trains(tmp_path: pathlib.Path):

@@ -20,7 +20,7 @@ from recjax.errors import ConfigError
 from recjax.kernels import moe as moe_kernels
 from recjax.layers.multitask import PLE, SMES, MMoE, smes_route
 from recjax.models import registry
-from tests.conftest import cli, run_cli, tiny
+from tests.conftest import cli, run_cli, tiny, xla_over_analytic_forward_flops
 
 
 @pytest.fixture(autouse=True)
@@ -251,14 +251,7 @@ def test_forward_flops_match_xla(config):
     """Analytic forward FLOPs within 5% of XLA's (SMES is not compared: XLA's CPU ragged dot,
     like the reference grouped matmul, multiplies every row by every expert)."""
     cfg = load_config(f"configs/experiments/{config}_multitask.yaml", ["model.dim=64", "model.expert_hidden=128"])
-    fs = feature_spec(cfg.data)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: registry.build_model(cfg, fs, nnx.Rngs(0))))
-    b = 16
-    batch = {"dense": jax.ShapeDtypeStruct((b, fs.num_dense), jnp.float32),
-             "sparse": jax.ShapeDtypeStruct((b, fs.num_sparse), jnp.int32)}
-    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
-    xla = fwd.lower(params, batch).compile().cost_analysis()["flops"]
-    assert 0.97 < xla / (registry.forward_flops_per_example(cfg, fs) * b) < 1.05
+    assert 0.97 < xla_over_analytic_forward_flops(cfg) < 1.05
 
 
 def test_tokenmixer_large_gives_one_logit_per_task():
