@@ -50,22 +50,14 @@ def bench_gdpa(
     import jax
     import jax.numpy as jnp
 
-    from recjax.bench.timing import compiled_memory_bytes, median_seconds
+    from recjax.bench.timing import attention_bench_settings, compiled_memory_bytes, median_seconds
     from recjax.kernels.gdpa import gdpa_flops
 
     on_gpu = jax.default_backend() == "gpu"
-    batch = batch or (8 if on_gpu else 1)
-    heads = heads or (8 if on_gpu else 2)
-    impls = tuple(impls or default_impls(on_gpu))
-    warmup = warmup if warmup is not None else (2 if on_gpu else 1)
-    repeats = repeats or (10 if on_gpu else 3)
-    dtype = dtype or ("bfloat16" if on_gpu else "float32")
-    unknown = set(impls) - set(default_impls(True)) - {"interpret"}
-    if unknown or not set(modes) <= {"fwd", "fwd+bwd"}:
-        raise ValueError(
-            f"bench_gdpa: unknown impls {sorted(unknown)} or modes {list(modes)}; impls are "
-            f"{default_impls(True) + ('interpret',)}, modes 'fwd' and 'fwd+bwd'."
-        )
+    s = attention_bench_settings("bench_gdpa", default_impls(True) + ("interpret",), default_impls(on_gpu),
+                                 batch=batch, heads=heads, impls=impls, warmup=warmup, repeats=repeats, dtype=dtype,
+                                 modes=modes)
+    batch, heads, impls, warmup, repeats, dtype = (s[k] for k in ("batch", "heads", "impls", "warmup", "repeats", "dtype"))
     rows = []
     for seq in seqs:
         for head_dim in head_dims:

@@ -20,6 +20,23 @@ from typing import Any
 import jax
 
 
+def attention_bench_settings(name: str, known_impls: tuple[str, ...], default_impls: tuple[str, ...], *,
+                             batch: int | None, heads: int | None, impls: Any, warmup: int | None,
+                             repeats: int | None, dtype: str | None, modes: Any) -> dict[str, Any]:
+    """The attention benchmarks' settings with their backend defaults -- CPU: batch 1, heads 2,
+    float32, 1 warm-up, 3 repeats; GPU: batch 8, heads 8, bfloat16, 2 warm-ups, 10 repeats --
+    after checking ``impls`` against ``known_impls`` and ``modes`` against fwd / fwd+bwd."""
+    on_gpu = jax.default_backend() == "gpu"
+    impls = tuple(impls or default_impls)
+    unknown = set(impls) - set(known_impls)
+    if unknown or not set(modes) <= {"fwd", "fwd+bwd"}:
+        raise ValueError(f"{name}: unknown impls {sorted(unknown)} or modes {list(modes)}; impls are "
+                         f"{known_impls}, modes 'fwd' and 'fwd+bwd'.")
+    return {"batch": batch or (8 if on_gpu else 1), "heads": heads or (8 if on_gpu else 2),
+            "impls": impls, "warmup": warmup if warmup is not None else (2 if on_gpu else 1),
+            "repeats": repeats or (10 if on_gpu else 3), "dtype": dtype or ("bfloat16" if on_gpu else "float32")}
+
+
 def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10) -> float:
     """Median wall time of ``fn(*args)`` with ``jax.block_until_ready`` on the result."""
     for _ in range(max(warmup, 1)):
