@@ -115,7 +115,7 @@ class HeMix(nnx.Module):
             self.queries = MLP(n0 * d, [*m.query_mlp, 2 * m.dynamic_queries * m.dim], dtype=dtype, rngs=rngs) \
                 if m.dynamic_queries else None
             self.fixed = stacked_param(rngs, (2, m.fixed_queries, m.dim), (None, None, None),
-                                       nnx.initializers.normal(1.0))
+                                       nnx.initializers.normal(1.0)) if m.fixed_queries else None
             self.interests = nnx.List([QueryCrossAttention(q, m.dim, m.attention_heads, dtype=dtype, rngs=rngs)
                                        for _ in range(2)])
         elif m.interest == "pool":
@@ -150,10 +150,13 @@ class HeMix(nnx.Module):
         seqs = [self._sequence(rows, batch["event_type"], batch["event_age"], valid, length)
                 for length in (min(m.realtime_length, long_len), long_len)]  # real-time, long-term
         if m.interest == "query":
-            q = jnp.broadcast_to(self.fixed[...].astype(dt), (b, *self.fixed.shape)).transpose(1, 0, 2, 3)
+            parts = []  # each [2, B, Q_part, D]: real-time, long-term
             if self.queries is not None:
-                dyn = self.queries(ctx.reshape(b, -1)).reshape(b, 2, m.dynamic_queries, m.dim).transpose(1, 0, 2, 3)
-                q = jnp.concatenate([dyn, q], axis=2)  # [2, B, Q, D]
+                dyn = self.queries(ctx.reshape(b, -1)).reshape(b, 2, m.dynamic_queries, m.dim)
+                parts.append(dyn.transpose(1, 0, 2, 3))
+            if self.fixed is not None:
+                parts.append(jnp.broadcast_to(self.fixed[...].astype(dt)[:, None], (2, b, m.fixed_queries, m.dim)))
+            q = jnp.concatenate(parts, axis=2)  # [2, B, Q, D]
             interest = [attend(q[i], s, n) for i, (attend, (s, n)) in enumerate(zip(self.interests, seqs, strict=True))]
         else:
             interest = []

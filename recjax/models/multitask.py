@@ -86,9 +86,8 @@ def _check(cfg: Config, features: FeatureSpec) -> None:
                               f"{m.task_importance}")
     if isinstance(m, MMoEConfig) and m.experts < 1:
         raise ConfigError(f"model.experts must be >= 1, got {m.experts}")
-    if isinstance(m, PLEConfig) and (m.levels < 1 or m.shared_experts < 0 or m.task_experts < 0
-                                     or m.shared_experts + m.task_experts < 1):
-        raise ConfigError("model: ple needs levels >= 1 and shared_experts + task_experts >= 1, got "
+    if isinstance(m, PLEConfig) and min(m.levels, m.shared_experts, m.task_experts) < 1:
+        raise ConfigError("model: ple needs levels, shared_experts and task_experts >= 1, got "
                           f"{m.levels}, {m.shared_experts}, {m.task_experts}")
 
 
