@@ -168,12 +168,15 @@ def test_lazy_adam_matches_its_reference_and_differs_from_dense_adam():
     slots = sparse.init_slots(cfg, rows, dim)
     dense_adam, dense_w = optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), jnp.asarray(table0)
     dense_state = dense_adam.init(dense_w)
+
+    @jax.jit  # one compile for the six steps
+    def step(table, slots, ids, grads, count):
+        loc, sums, _ = sparse.owned_row_grads(ids, grads, mesh=mesh, batch_axes=(), row_axes=(), rows_per_shard=rows)
+        return sparse.apply_rows(table, slots, loc, sums, rule=rule, lr=jnp.float32(cfg.lr), count=count,
+                                 clip=lambda g: g, ok=jnp.bool_(True), mesh=mesh, row_axes=())
+
     for c, (ids, grads) in enumerate(steps):
-        loc, sums, _ = sparse.owned_row_grads(jnp.asarray(ids), jnp.asarray(grads), mesh=mesh, batch_axes=(),
-                                              row_axes=(), rows_per_shard=rows)
-        table, slots = sparse.apply_rows(table, slots, loc, sums, rule=rule, lr=jnp.float32(cfg.lr),
-                                         count=jnp.int32(c), clip=lambda g: g, ok=jnp.bool_(True),
-                                         mesh=mesh, row_axes=())
+        table, slots = step(table, slots, jnp.asarray(ids), jnp.asarray(grads), jnp.int32(c))
         g = np.zeros((rows, dim), np.float32)
         np.add.at(g, ids[ids >= 0], grads[ids >= 0])
         upd, dense_state = dense_adam.update(jnp.asarray(g), dense_state)

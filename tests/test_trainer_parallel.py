@@ -37,6 +37,10 @@ CONFIGS = {
 
 
 
+# one event tower of one layer: the two lookups of C1's table are what the test is about
+KUNLUN_SMALL = ["data.synthetic.events=16", "data.synthetic.capacity_width=64", "model.num_layers=1",
+                "model.personalization=false", "model.global_experts=1",
+                "model.towers=[{width: 16, heads: 2, tokens: 2, layers: 1, window: 4, length: 16}]"]
 # the CTR config with its lookups as all-to-alls (rows and batch both over `data`), with its
 # tables' columns split instead of their rows, with each table whole on one device (stacked,
 # one all-to-all for all), and with raw 64-bit ids through dynamic tables
@@ -46,10 +50,9 @@ ALL_TO_ALL = {
     "ctr_all_to_all": [*CONFIGS["ctr"], "embedding.exchange=all_to_all"],
     "ctr_columns": [*CONFIGS["ctr"], "embedding.placement=column_sharded"],
     "ctr_table_wise": [*CONFIGS["ctr"], "embedding.placement=table_wise", "embedding.exchange=all_to_all"],
-    "kunlun": ["--config", "configs/experiments/kunlun_events.yaml", *CONFIGS["ctr"][2:], "data.synthetic.events=16",
-               "data.synthetic.capacity_width=64"],
-    "kunlun_all_to_all": ["--config", "configs/experiments/kunlun_events.yaml", *CONFIGS["ctr"][2:],
-                          "data.synthetic.events=16", "data.synthetic.capacity_width=64", "embedding.exchange=all_to_all"],
+    "kunlun": ["--config", "configs/experiments/kunlun_events.yaml", *CONFIGS["ctr"][2:], *KUNLUN_SMALL],
+    "kunlun_all_to_all": ["--config", "configs/experiments/kunlun_events.yaml", *CONFIGS["ctr"][2:], *KUNLUN_SMALL,
+                          "embedding.exchange=all_to_all"],
     "ctr_dynamic": [*CONFIGS["ctr"], "embedding.exchange=all_to_all", "data.synthetic.raw_ids=true",
                     "embedding.dynamic.capacity=300", "embedding.dynamic.partitions=8",
                     "embedding.dynamic.threshold=2"],
