@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/recjax train --config configs/experiments/dlrm_synthetic.yaml $(ARGS)
 
+# one pytest worker per core (pytest-xdist), each test file on one worker (module fixtures run once)
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 # On a GPU host (no network, no venv: the host's jax/flax/optax; WHEELS = carried packages).
 GPU_OUT ?= gpu_check
