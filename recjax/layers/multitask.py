@@ -73,8 +73,8 @@ class PLE(nnx.Module):
         init = fan_in_init()
         self.task_gates = stacked_param(rngs, (levels, tasks, d, private + shared), (None, None, "embed", None), init)
         # the last level has no shared gate: nothing reads its shared output
-        self.shared_gates = stacked_param(rngs, (max(levels - 1, 1), d, tasks * private + shared),
-                                          (None, "embed", None), init)
+        self.shared_gates = stacked_param(rngs, (levels - 1, d, tasks * private + shared), (None, "embed", None),
+                                          init) if levels > 1 else None
         self.private_gate_up, self.private_down = expert_params(rngs, (levels, tasks, private), d, f)
         self.shared_gate_up, self.shared_down = expert_params(rngs, (levels, shared), d, f)
 
