@@ -1,4 +1,5 @@
-"""Multi-task expert mixtures over a shared representation: MMoE, PLE and SMES (MODELS.md 6).
+"""Multi-task expert mixtures over a shared representation: MMoE, PLE and SMES (MODELS.md 6),
+and what every multi-task model ends with: per-task towers and the logits' shape.
 
 Each mixture maps ``x [N, D]`` to one input per task tower, ``[T, N, D]``. Experts are
 SwiGLU FFNs in the layout of :mod:`recjax.kernels.moe` (``w_gate_up [E, D, 2, F]``,
@@ -27,6 +28,31 @@ from flax import nnx
 
 from recjax.kernels import moe as moe_kernels
 from recjax.layers.token_mixing import fan_in_init, stacked_param, xavier_init
+from recjax.parallel.sharding import constrain
+
+
+class TaskTowers(nnx.Module):
+    """``[T, B, D] -> [T, B]``: an MLP per task (ReLU between layers), weights stacked ``[T, ...]``."""
+
+    def __init__(self, tasks: int, widths: list[int], *, rngs: nnx.Rngs):
+        self.tasks = tasks
+        self.kernels = nnx.List([stacked_param(rngs, (tasks, a, b), (None, None, None), xavier_init())
+                                 for a, b in zip(widths[:-1], widths[1:], strict=True)])
+        self.biases = nnx.List([nnx.Param(jnp.zeros((tasks, 1, b), jnp.float32)) for b in widths[1:]])
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        for i, (w, b) in enumerate(zip(self.kernels, self.biases, strict=True)):
+            h = jnp.einsum("tbi,tio->tbo", h, w[...].astype(h.dtype)) + b[...].astype(h.dtype)
+            if i + 1 < len(self.kernels):
+                h = jax.nn.relu(h)
+        return h[..., 0]
+
+
+def task_logits(out: jax.Array, tasks: int) -> jax.Array:
+    """A head's output ``[B, max(T, 1)]`` -> fp32 logits, batch-sharded: ``[B]`` for single-label
+    data (``tasks == 0``), else ``[B, T]``."""
+    out = (out if tasks else out[:, 0]).astype(jnp.float32)
+    return constrain(out, ("batch",) + ((None,) if tasks else ()))
 
 
 def expert_params(rngs: nnx.Rngs, lead: tuple[int, ...], d: int, f: int) -> tuple[nnx.Param, nnx.Param]:

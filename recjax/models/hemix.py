@@ -41,8 +41,9 @@ from recjax.layers.hemix import (
     query_cross_attention_flops,
 )
 from recjax.layers.mlp import MLP, mlp_flops
+from recjax.layers.multitask import TaskTowers, task_logits
 from recjax.layers.token_mixing import fan_in_init, rms_norm, stacked_param
-from recjax.models.multitask import TaskTowers, num_tasks
+from recjax.models.multitask import num_tasks
 from recjax.models.registry import register
 from recjax.parallel.sharding import constrain
 
@@ -99,7 +100,7 @@ class HeMix(nnx.Module):
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         m: HeMixConfig = cfg.model  # type: ignore[assignment]
         d, n0, q, n, _ = _shapes(cfg, features)
-        self.m, self.dtype, self.single = m, dtype, features.tasks == 0
+        self.m, self.dtype, self.tasks = m, dtype, features.tasks
         self.embedding = EmbeddingCollection(features, cfg.embedding, rngs=rngs, dtype=dtype)
         if self.embedding.uniform_dim != d:
             raise ConfigError("hemix needs every embedding table at embedding.dim")
@@ -168,9 +169,8 @@ class HeMix(nnx.Module):
         for block in self.blocks:
             x = constrain(block(x), ("batch", None, None))
         pooled = rms_norm(x.astype(jnp.float32).mean(axis=1), self.final_norm[...]).astype(dt)  # [B, D]
-        logits = self.towers(pooled[None].repeat(self.towers.tasks, 0)).T.astype(jnp.float32)  # [B, T]
-        logits = logits[:, 0] if self.single else logits
-        return constrain(logits, ("batch",) + (() if self.single else (None,))), dict(stats)
+        logits = self.towers(jnp.broadcast_to(pooled, (self.towers.tasks, *pooled.shape))).T  # [B, T]
+        return task_logits(logits, self.tasks), dict(stats)
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> HeMix:

@@ -25,8 +25,7 @@ from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, mlp_flops
-from recjax.layers.multitask import PLE, SMES, MMoE
-from recjax.layers.token_mixing import stacked_param, xavier_init
+from recjax.layers.multitask import PLE, SMES, MMoE, TaskTowers, task_logits
 from recjax.models.registry import register
 from recjax.parallel.sharding import constrain
 
@@ -91,29 +90,12 @@ def _check(cfg: Config, features: FeatureSpec) -> None:
                           f"{m.levels}, {m.shared_experts}, {m.task_experts}")
 
 
-class TaskTowers(nnx.Module):
-    """``[T, B, D] -> [T, B]``: an MLP per task (ReLU between layers), weights stacked ``[T, ...]``."""
-
-    def __init__(self, tasks: int, widths: list[int], *, rngs: nnx.Rngs):
-        self.tasks = tasks
-        self.kernels = nnx.List([stacked_param(rngs, (tasks, a, b), (None, None, None), xavier_init())
-                                 for a, b in zip(widths[:-1], widths[1:], strict=True)])
-        self.biases = nnx.List([nnx.Param(jnp.zeros((tasks, 1, b), jnp.float32)) for b in widths[1:]])
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        for i, (w, b) in enumerate(zip(self.kernels, self.biases, strict=True)):
-            h = jnp.einsum("tbi,tio->tbo", h, w[...].astype(h.dtype)) + b[...].astype(h.dtype)
-            if i + 1 < len(self.kernels):
-                h = jax.nn.relu(h)
-        return h[..., 0]
-
-
 class MultiTaskModel(nnx.Module):
     def __init__(self, cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         _check(cfg, features)
         m: MultiTaskConfig = cfg.model  # type: ignore[assignment]
         t = num_tasks(features)
-        self.single, self.dtype = features.tasks == 0, dtype
+        self.tasks, self.dtype = features.tasks, dtype
         self.balance_weight = getattr(m, "balance_weight", 0.0)
         self.embedding = EmbeddingCollection(features, cfg.embedding, rngs=rngs, dtype=dtype)
         self.encoder = MLP(_input_width(cfg, features), [*m.encoder, m.dim], final_activation=True, dtype=dtype,
@@ -133,12 +115,11 @@ class MultiTaskModel(nnx.Module):
         x = jnp.concatenate([*(v.astype(self.dtype) for v in vecs), batch["dense"].astype(self.dtype)], axis=1)
         x = self.encoder(constrain(x, ("batch", None)))
         h, mix_stats = self.mixture(constrain(x, ("batch", None)))
-        logits = self.towers(constrain(h, (None, "batch", None))).T.astype(jnp.float32)  # [B, T]
+        logits = self.towers(constrain(h, (None, "batch", None))).T  # [B, T]
         aux = {**stats, **mix_stats}
         if "balance_loss" in aux:
             aux["aux_loss"] = self.balance_weight * aux["balance_loss"]
-        logits = logits[:, 0] if self.single else logits
-        return constrain(logits, ("batch",) + (() if self.single else (None,))), aux
+        return task_logits(logits, self.tasks), aux
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> MultiTaskModel:

@@ -77,6 +77,7 @@ from recjax.kernels import moe as moe_kernels
 from recjax.kernels import moe_parallel
 from recjax.layers.embedding import EmbeddingCollection, resolve_tables
 from recjax.layers.mlp import MLP, dense, mlp_flops
+from recjax.layers.multitask import task_logits
 from recjax.layers.token_mixing import (
     fan_in_init,
     mix,
@@ -383,11 +384,11 @@ class TokenMixerLarge(nnx.Module):
         x0 = constrain(jnp.concatenate([dense_in, *vecs], axis=1), ("batch", None))
         x = constrain(self.tokenizer(x0), ("batch", "tokens", None))
         top, lower, stats = self._layers(x)
-        logits = self._logits(self.head(self._pool(top, self.final_norm)))
+        logits = task_logits(self.head(self._pool(top, self.final_norm)), self.tasks)
         aux: dict[str, Any] = dict(stats)
         aux_loss = jnp.zeros((), jnp.float32)
         if self.aux_weight > 0:  # the ctr task scores these with the same BCE, times the weight
-            aux["aux_logits"] = self._logits(self.aux_head(self._pool(lower, self.aux_norm)))
+            aux["aux_logits"] = task_logits(self.aux_head(self._pool(lower, self.aux_norm)), self.tasks)
             aux["aux_logits_weight"] = jnp.float32(self.aux_weight)
         if stats:
             lb = stats["load_balance_loss"].mean()
@@ -398,11 +399,7 @@ class TokenMixerLarge(nnx.Module):
             if self.lb_weight > 0:
                 aux_loss = aux_loss + self.lb_weight * lb
         aux["aux_loss"] = aux_loss
-        return constrain(logits, ("batch",) + ((None,) if self.tasks else ())), aux
-
-    def _logits(self, out: jax.Array) -> jax.Array:
-        """Head output ``[B, max(T, 1)]`` -> fp32 logits ``[B]`` (one label) or ``[B, T]``."""
-        return (out if self.tasks else out[:, 0]).astype(jnp.float32)
+        return logits, aux
 
 
 def build(cfg: Config, features: FeatureSpec, dtype: jnp.dtype, rngs: nnx.Rngs) -> TokenMixerLarge:
