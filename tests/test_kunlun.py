@@ -116,7 +116,10 @@ def test_each_switch_builds_trains_and_changes_what_it_should(switch):
         assert flops["interaction"] == pytest.approx(2 * base["interaction"] - 0.0, rel=0.35)
     elif switch == "model.personalization=false":
         assert len(model.towers) == 1 and tower.pooling[1].seeds.shape[0] == 4
-    elif switch == "model.rote=false":  # ages reach the model only through ROTE
+    elif switch == "model.rote=false":  # ages then reach the model only through the event rows
+        assert not any(a.use_rote for t in model.towers for a in t.attention if a is not None)
+        for t in model.towers:
+            t.events.age_proj.set_value(jnp.zeros_like(t.events.age_proj[...]))
         older = {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}
         np.testing.assert_array_equal(model_logits(model, batch), model_logits(model, older))
     elif switch == "model.global_experts=1":
@@ -131,7 +134,12 @@ def test_each_switch_builds_trains_and_changes_what_it_should(switch):
 def test_sequence_model_reads_ages_and_items_but_not_padding():
     _, _, model, batch = _setup()
     out = model_logits(model, batch)
-    assert not np.allclose(out, model_logits(model, {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}))
+    older = {**batch, "event_age": batch["event_age"] * 3.0 + 1.0}
+    assert not np.allclose(out, model_logits(model, older))
+    for t in model.towers:  # through the event rows' age feature and through ROTE
+        t.events.age_proj.set_value(jnp.zeros_like(t.events.age_proj[...]))
+    assert not np.allclose(model_logits(model, batch), model_logits(model, older))
+    out = model_logits(model, batch)
     valid = batch["event_type"] >= 0
     assert not np.allclose(out, model_logits(model, {**batch, "event_item": jnp.where(valid, (batch["event_item"] + 7) % 500, -1)}))
     padded = {**batch, "event_item": jnp.where(valid, batch["event_item"], 3),

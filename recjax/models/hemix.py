@@ -33,7 +33,7 @@ from recjax.config import Config, ModelConfig
 from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.layers.embedding import EmbeddingCollection
-from recjax.layers.events import most_recent
+from recjax.layers.events import EventRows, most_recent
 from recjax.layers.hemix import (
     HeteroMixerBlock,
     QueryCrossAttention,
@@ -108,9 +108,7 @@ class HeMix(nnx.Module):
         self.dense = MLP(features.num_dense, [*m.dense_mlp, d], dtype=dtype, rngs=rngs) if features.num_dense else None
         self.token_mix = stacked_param(rngs, (m.context_tokens, n0), (None, None), init)
         self.token_proj = stacked_param(rngs, (d, m.dim), ("embed", "mlp"), init)
-        self.item_proj = stacked_param(rngs, (d, m.dim), ("embed", "mlp"), init)
-        self.type_emb = stacked_param(rngs, (features.event_types, m.dim), (None, None), nnx.initializers.normal(0.02))
-        self.age_proj = stacked_param(rngs, (m.dim,), (None,), nnx.initializers.normal(0.1))
+        self.events = EventRows(d, m.dim, features.event_types, dtype=dtype, rngs=rngs)
         self.interests = nnx.List()
         if m.interest == "query":
             self.queries = MLP(n0 * d, [*m.query_mlp, 2 * m.dynamic_queries * m.dim], dtype=dtype, rngs=rngs) \
@@ -130,12 +128,8 @@ class HeMix(nnx.Module):
 
     def _sequence(self, rows: jax.Array, types: jax.Array, age: jax.Array, valid: jax.Array, length: int):
         """The ``length`` most recent events as rows ``[B, length, D]`` (zero past ``n``) and ``n``."""
-        dt = self.dtype
         r, t, a, n = most_recent(valid, length, rows, types, age)
-        s = r.astype(dt) @ self.item_proj[...].astype(dt) + self.type_emb[...].astype(dt)[jnp.maximum(t, 0)]
-        s = s + jnp.log1p(a)[..., None].astype(dt) * self.age_proj[...].astype(dt)
-        keep = jnp.arange(length)[None, :, None] < n[:, None, None]
-        return constrain(jnp.where(keep, s, 0.0), ("batch", None, None)), n
+        return self.events(r, t, a, n), n
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
         m, dt = self.m, self.dtype

@@ -7,7 +7,7 @@ Inputs: the CTR batch (``sparse``, ``dense``) and the event sequence (``event_it
 
     ctx_0   = (W_tok [e_1..e_F, dense_mlp(dense)]) W_in             [T, D] context tokens
     tower k (one per event type with `personalization`, else one over all events):
-      s_k   = E_item[i] W_k + E_type[tau]  over its `length` most recent events  [L_k, D_k]
+      s_k   = E_item[i] W_k + E_type[tau] + log1p(age) w_k  over its `length` most recent events  [L_k, D_k]
     layer l = 0 .. num_layers - 1, for each tower with l < its `layers`:
       interaction layer:  s_k += ContextInteraction(RMSNorm(s_k), ctx_l W_ctx,k)   (GDPA | PFFN)
       attention layer:    s_k += WindowSelfAttention(RMSNorm(s_k), ROTE(age))     (window | full)
@@ -38,7 +38,7 @@ from recjax.data.spec import FeatureSpec
 from recjax.errors import ConfigError
 from recjax.kernels.gdpa import ACTIVATIONS, banded_shape
 from recjax.layers.embedding import EmbeddingCollection
-from recjax.layers.events import most_recent
+from recjax.layers.events import EventRows, most_recent
 from recjax.layers.kunlun import (
     WINDOW_CHUNK,
     ContextInteraction,
@@ -158,8 +158,7 @@ class Tower(nnx.Module):
         w, d = tc.width, mcfg.dim
         window = tc.window or None
         self.dtype = dtype
-        self.item_proj = stacked_param(rngs, (item_dim, w), ("embed", "mlp"), fan_in_init())
-        self.type_emb = stacked_param(rngs, (types, w), (None, None), nnx.initializers.normal(0.02))
+        self.events = EventRows(item_dim, w, types, dtype=dtype, rngs=rngs)
         self.ctx_proj = stacked_param(rngs, (d, w), ("embed", "mlp"), fan_in_init())
         self.summary_proj = stacked_param(rngs, (w, d), ("mlp", "embed"), fan_in_init())
         ones = lambda: nnx.Param(jnp.ones((w,), jnp.float32), out_sharding=(None,))
@@ -175,13 +174,6 @@ class Tower(nnx.Module):
             norms.append(nnx.List([ones(), ones(), ones()]))
         self.interaction, self.attention, self.pooling = nnx.List(inter), nnx.List(attn), nnx.List(pool)
         self.norms = nnx.List(norms)
-
-    def embed(self, items: jax.Array, types: jax.Array, n: jax.Array) -> jax.Array:
-        """Item rows ``[B, L, d]`` and types ``[B, L]`` -> ``s [B, L, D_k]`` (zero past ``n``)."""
-        s = items.astype(self.dtype) @ self.item_proj[...].astype(self.dtype)
-        s = s + self.type_emb[...].astype(self.dtype)[jnp.maximum(types, 0)]
-        valid = jnp.arange(s.shape[1])[None, :, None] < n[:, None, None]
-        return constrain(jnp.where(valid, s, 0.0), ("batch", None, None))
 
     def layer(self, layer: int, s: jax.Array, ctx: jax.Array, age: jax.Array, n: jax.Array):
         """One layer -> (``s``, the new summary ``[B, T_k, D]`` or None to keep the cached one)."""
@@ -239,7 +231,7 @@ class Kunlun(nnx.Module):
             for tower, kinds, length in zip(self.towers, self.tower_kinds, self.tower_lengths, strict=True):
                 hit = jnp.isin(types, jnp.asarray(kinds)) & (types >= 0)
                 r, t, a, n = most_recent(hit, length, rows, types, age)
-                seqs.append([tower.embed(r, t, n), a, n])
+                seqs.append([tower.events(r, t, a, n), a, n])
                 summaries.append(None)
         for layer, mixture in enumerate(self.mixtures):
             for k, tower in enumerate(self.towers):
