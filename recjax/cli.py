@@ -28,6 +28,7 @@ PLUGINS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "embeddings"): ("recjax.bench.embeddings", "step time and temporaries vs table rows (sparse vs dense updates); bytes exchanged by lookups"),
     ("bench", "mfu"): ("recjax.bench.mfu", "step time, examples/s, TFLOP/s and MFU of model presets"),
     ("bench", "gpu-check"): ("recjax.bench.gpu_check", "the whole GPU check (gpu tests, kernel and MFU benchmarks, goals) in one command"),
+    ("bench", "kunlun"): ("recjax.bench.kunlun", "Kunlun's step time and analytic FLOPs with each component switched to its baseline"),
     ("bench", "seqrec"): ("recjax.bench.seqrec", "memory and step time vs sequence length of the sequential recommenders' attention types"),
     ("launch", None): ("recjax.parallel.launch", "start a multi-process job: local | slurm | k8s | tpu"),
     ("sweep", None): ("recjax.scaling.sweep_cli", "run or emit a scaling-law sweep"),

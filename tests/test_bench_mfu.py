@@ -1,4 +1,5 @@
-"""`recjax bench mfu`: per-preset step time, throughput, TFLOP/s and MFU in a results JSON."""
+"""`recjax bench mfu` and `bench kunlun`: per-preset step time, throughput, TFLOP/s and MFU, and
+Kunlun's savings per component, in results JSON."""
 
 from __future__ import annotations
 
@@ -28,3 +29,21 @@ def test_bench_mfu_writes_json_per_preset(tmp_path):
     assert ok["tflops_per_device"] == pytest.approx(expected)
     assert ok["mfu"] == pytest.approx(ok["tflops_per_device"] / 0.5)
     assert "MFU" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_bench_kunlun_compares_the_model_with_its_components_switched_off(tmp_path):
+    out = tmp_path / "kunlun.json"
+    run_cli(["bench", "kunlun", "configs/experiments/kunlun_events.yaml", "data.global_batch=32",
+             "--variants", "no_window_no_compskip", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "kunlun_components" and "bench kunlun" in doc["command"]
+    full, off = doc["results"]
+    assert (full["variant"], off["variant"]) == ("kunlun", "no_window_no_compskip")
+    for rec in (full, off):
+        assert sum(rec["component_flops"].values()) == pytest.approx(rec["fwd_flops_per_example"])
+    for part in ("interaction", "attention"):  # CompSkip halves the first, the window shrinks the second
+        assert off["component_flops"][part] > full["component_flops"][part]
+    assert off["flops_saving"] == pytest.approx(1 - full["fwd_flops_per_example"] / off["fwd_flops_per_example"])
+    assert off["flops_saving"] > 0
+    assert off["speedup"] == pytest.approx(off["step_time_median_s"] / full["step_time_median_s"])
+    assert off["step_time_saving"] == pytest.approx(1 - 1 / off["speedup"])
