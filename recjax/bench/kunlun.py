@@ -55,17 +55,17 @@ def savings(full: dict[str, Any], variant: dict[str, Any]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recjax.bench.mfu import _slug, bench_preset
+    from recjax.bench.mfu import _slug, _split, bench_preset
     from recjax.bench.timing import environment
     from recjax.config import load_config
     from recjax.data.spec import feature_spec
     from recjax.models.kunlun import component_flops
 
-    configs = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
+    has_config = any("=" not in i for i in args.items)
+    configs, overrides = _split(args.items if has_config else [DEFAULT_CONFIG, *args.items])
     if len(configs) > 1:
         raise ValueError(f"give one Kunlun config, got {configs}")
-    path = configs[0] if configs else DEFAULT_CONFIG
+    path = configs[0]
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
