@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/recjax train --config configs/experiments/dlrm_synthetic.yaml $(ARGS)
 
-# one pytest worker per core (pytest-xdist), each test file on one worker (module fixtures run once)
+# one pytest worker per core (pytest-xdist), each test file on one worker (module fixtures run once);
+# the 25 slowest tests are listed at the end, so the suite's time can be watched
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25 $(ARGS)
 
 # On a GPU host (no network, no venv: the host's jax/flax/optax; WHEELS = carried packages).
 GPU_OUT ?= gpu_check
