@@ -31,9 +31,18 @@ def test_bench_mfu_writes_json_per_preset(tmp_path):
     assert "MFU" in proc.stdout and "FAILED" in proc.stdout
 
 
+# Kunlun with one event tower of 2 layers (a sliding-window layer after a CompSkip one): both
+# components are there to switch off, and each variant compiles in about half the preset's time
+KUNLUN_ONE_TOWER = [
+    "data.global_batch=32", "data.synthetic.events=16", "data.synthetic.capacity_width=64",
+    "model.personalization=false", "model.global_experts=1",
+    "model.towers=[{width: 16, heads: 2, tokens: 2, layers: 2, window: 4, length: 16}]",
+]
+
+
 def test_bench_kunlun_compares_the_model_with_its_components_switched_off(tmp_path):
     out = tmp_path / "kunlun.json"
-    run_cli(["bench", "kunlun", "configs/experiments/kunlun_events.yaml", "data.global_batch=32",
+    run_cli(["bench", "kunlun", "configs/experiments/kunlun_events.yaml", *KUNLUN_ONE_TOWER,
              "--variants", "no_window_no_compskip", "--steps", "2", "--warmup", "1", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "kunlun_components" and "bench kunlun" in doc["command"]
