@@ -102,9 +102,9 @@ def _use_virtual_devices(n: int | None) -> None:
         return
     if "jax" in sys.modules:
         raise RuntimeError("--devices must be applied before jax is imported")
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    from recjax.parallel.launch import with_virtual_devices
+
+    os.environ["XLA_FLAGS"] = with_virtual_devices(os.environ.get("XLA_FLAGS", ""), n)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 

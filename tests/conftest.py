@@ -10,6 +10,8 @@ import subprocess
 import sys
 from typing import Any
 
+from recjax.parallel.launch import with_virtual_devices
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # The suite's programs run for milliseconds and XLA's CPU compiles dominate its time: compile each
 # program as one LLVM module (split codegen only adds work on a 2-core runner) without LLVM's
@@ -25,17 +27,10 @@ def pytest_configure(config) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*FAST_COMPILE_FLAGS, *(f for f in flags if f not in FAST_COMPILE_FLAGS)])
 
 
-def xla_flags(devices: int) -> str:
-    """The inherited XLA flags with ``devices`` virtual CPU devices."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-
-
 def run_python(code: str, devices: int = 1, timeout: int = 600, cwd: pathlib.Path | None = None) -> str:
     """Run ``code`` in a fresh interpreter with ``devices`` virtual CPU devices; return stdout."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(devices)
+    env["XLA_FLAGS"] = with_virtual_devices(env.get("XLA_FLAGS", ""), devices)
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or REPO
@@ -49,7 +44,7 @@ def run_cli(args: list[str], devices: int | None = None, timeout: int = 600, che
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     if devices:
-        env["XLA_FLAGS"] = xla_flags(devices)
+        env["XLA_FLAGS"] = with_virtual_devices(env.get("XLA_FLAGS", ""), devices)
     proc = subprocess.run(
         [sys.executable, "-m", "recjax.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )

@@ -186,17 +186,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_virtual_devices(xla_flags: str, devices: int) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) with its virtual CPU device count set to ``devices``."""
+    flags = [f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def local_env(base: Mapping[str, str], process_id: int, num_processes: int, devices: int,
               port: int, extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of local process ``process_id``: its place in the job, M CPU devices."""
     env = dict(base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(
         RECJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         RECJAX_NUM_PROCESSES=str(num_processes),
         RECJAX_PROCESS_ID=str(process_id),
-        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        XLA_FLAGS=with_virtual_devices(env.get("XLA_FLAGS", ""), devices),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
     )
