@@ -4,7 +4,7 @@ the sequential models are compared against, re-run so its seed-to-seed spread ca
 Runs in its own environment (RecBole pins old packages; it is not a recjax dependency)::
 
     python -m venv /tmp/recbole && /tmp/recbole/bin/pip install torch "numpy<2" scipy pandas \
-        scikit-learn pyyaml tensorboard thop tabulate plotly texttable psutil \
+        scikit-learn pyyaml tensorboard thop tabulate plotly texttable psutil tqdm \
         colorlog==4.7.2 colorama==0.4.4
     /tmp/recbole/bin/pip install --no-deps recbole==1.2.1   # skips its ray pin (see below)
     /tmp/recbole/bin/python notebooks/recbole_reference.py --model BERT4Rec --seed 2020
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import platform
 import re
@@ -68,7 +69,10 @@ def main() -> None:
     start = time.time()
     result = run_recbole(model=args.model, dataset="ml-100k", config_dict=config)
     wall = time.time() - start
-    log = sorted(pathlib.Path("log", args.model).glob("*.log"), key=lambda p: p.stat().st_mtime)[-1]
+    # RecBole's init_logger gives the root logger this run's file handler (a glob for the newest
+    # log would pick up a concurrent run's file).
+    log = pathlib.Path(next(h.baseFilename for h in logging.getLogger().handlers
+                            if isinstance(h, logging.FileHandler)))
     valid_curve = [float(v) for v in re.findall(r"valid result:\s*\n[^\n]*?ndcg@10 : ([0-9.]+)", log.read_text())]
     record = {
         "model": args.model, "seed": args.seed, "epochs": args.epochs,

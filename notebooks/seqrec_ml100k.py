@@ -181,6 +181,20 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def recbole_reference() -> dict:
+    """RecBole 1.2.1's own runs on this protocol (``notebooks/recbole_reference.py``), per model:
+    the seeds and the test NDCG@10 / HR@10 over them; empty before any was run."""
+    path = REPO / "notebooks" / "results" / "recbole_ml100k.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        rs = [r for r in runs if r["model"] == model]
+        out[model] = {"seeds": [r["seed"] for r in rs],
+                      "test_ndcg@10": stats([r["test"]["ndcg@10"] for r in rs]),
+                      "test_hr@10": stats([r["test"]["hit@10"] for r in rs])}
+    return out
+
+
 def _ms(x: dict, fmt: str) -> str:
     return format(x["mean"], fmt) + (f" ± {format(x['std'], fmt)}" if x["std"] is not None else "")
 
@@ -204,6 +218,10 @@ def markdown_models(doc: dict) -> str:
             f"{_ms(s['wall_time_to_best_s'], '.0f')} |")
     pop = doc["popularity_test"]
     lines += ["", f"Popularity baseline (test): HR@10 {pop['hr@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}."]
+    for model, r in doc.get("recbole_reference", {}).items():
+        lines += ["", f"RecBole 1.2.1's {model} re-run on this protocol (notebooks/recbole_reference.py, "
+                      f"{len(r['seeds'])} seeds): test HR@10 {_ms(r['test_hr@10'], '.4f')}, "
+                      f"NDCG@10 {_ms(r['test_ndcg@10'], '.4f')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -310,6 +328,7 @@ def main() -> None:
             if m not in MODELS:
                 ap.error(f"unknown model {m!r} in --runs (choose from {', '.join(MODELS)})")
         rows = finished([one(m, "", s, []) for m, s in plan])
+        doc["recbole_reference"] = recbole_reference()
     elif args.study == "ablation":
         rows = finished([one(m, v, s, o) for m in args.models if m in ABLATIONS
                          for v, o in {**ABLATIONS[m], "experiment": []}.items() for s in args.seeds])

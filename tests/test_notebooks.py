@@ -85,6 +85,20 @@ def test_seqrec_comparison_interval_and_verdict():
     assert study.compare([0.06], [0.06])["ci95"] is None  # one seed: no interval
 
 
+def test_seqrec_table_states_recbole_reference_runs():
+    study = _seqrec_study()
+    reference = study.recbole_reference()  # notebooks/results/recbole_ml100k.json as committed
+    bert = reference["BERT4Rec"]
+    assert len(bert["seeds"]) == len(bert["test_ndcg@10"]["values"]) >= 2
+    assert 0.0 < bert["test_ndcg@10"]["mean"] < bert["test_hr@10"]["mean"] < 1.0
+    doc = {"data": {"users": 943, "items": 1682, "interactions": 100_000}, "protocol": "leave-one-out",
+           "device": "cpu", "summary": [], "popularity_test": {"hr@10": 0.05, "ndcg@10": 0.023},
+           "recbole_reference": {"BERT4Rec": {"seeds": [1, 2], "test_ndcg@10": study.stats([0.05, 0.06]),
+                                              "test_hr@10": study.stats([0.10, 0.12])}}}
+    assert ("RecBole 1.2.1's BERT4Rec re-run on this protocol (notebooks/recbole_reference.py, 2 seeds): "
+            "test HR@10 0.1100 ± 0.0141, NDCG@10 0.0550 ± 0.0071.") in study.markdown_models(doc)
+
+
 def test_seqrec_paper_setting_is_a_valid_config_of_both_models():
     from recjax.config import load_config
 
