@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import platform
 import re
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2020, help="RecBole's seed (its default: 2020)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", default="/tmp/recbole_runs", help="RecBole's checkpoint and log directory")
+    ap.add_argument("--out", default="/tmp/recbole_runs", help="RecBole's checkpoint and log directory (RecBole writes ./log/ there)")
     args = ap.parse_args()
 
     ray = types.ModuleType("ray")
@@ -57,6 +58,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = torch.load
     torch.load = lambda *a, **k: load(*a, **{**k, "weights_only": False})
+    out = pathlib.Path(args.out).resolve()
     config = {
         "data_path": str(pathlib.Path(recbole.__file__).parent / "dataset_example"),
         "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
@@ -64,8 +66,11 @@ def main() -> None:
         "epochs": args.epochs, "train_batch_size": 2048, "eval_batch_size": 4096, "stopping_step": 10,
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "metrics": ["Hit", "NDCG", "MRR"], "topk": [10], "valid_metric": "NDCG@10",
-        "show_progress": False, "seed": args.seed, "checkpoint_dir": args.out, "log_wandb": False,
+        "show_progress": False, "seed": args.seed, "checkpoint_dir": str(out), "log_wandb": False,
     }
+    # RecBole writes its log under ./log/: keep it with the checkpoints, out of the checkout.
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(out)
     start = time.time()
     result = run_recbole(model=args.model, dataset="ml-100k", config_dict=config)
     wall = time.time() - start
