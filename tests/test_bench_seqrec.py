@@ -23,6 +23,7 @@ def test_bench_seqrec_memory_scales_with_attention_type(tmp_path):
                       "model.dropout=0", "model.attn_dropout=0"]).stdout
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "seqrec" and doc["device_kind"] == "cpu" and doc["versions"]["jax"]
+    assert doc["complete"] is True
     assert "bench seqrec" in doc["command"] and "--lengths 512 32" in doc["command"]
     assert "last valid position" in doc["loss"]
     cfg = doc["config"]
@@ -80,6 +81,33 @@ def test_isolated_rows_come_back_from_the_child_process_even_when_it_dies(monkey
     assert [(r["type"], r["max_len"]) for r in rows] == [("linrec", 16), ("sasrec", 32)]
     assert all(r["error"].startswith("row process exited with status 1") for r in rows)
     assert "no_such_backend" in rows[0]["error"]
+
+
+def test_rows_measured_before_a_run_is_stopped_are_on_disk(tmp_path, monkeypatch):
+    """A time limit that kills the sweep mid-way keeps every row measured so far."""
+    import recjax.bench.seqrec as bench
+
+    class Stopped(Exception):
+        pass
+
+    measured = []
+
+    def fake_row(spec, cache=None):
+        if measured:
+            raise Stopped  # the second row never finishes
+        measured.append({"type": spec["type"], "attention": "softmax", "causal": True,
+                         "max_len": spec["max_len"], "batch": spec["batch"],
+                         "compiled_memory_bytes": 1234, "median_step_s": 0.5, "sequences_per_s": 4.0})
+        return measured[-1]
+
+    monkeypatch.setattr(bench, "measure_row", fake_row)
+    out = tmp_path / "partial.json"
+    with pytest.raises(Stopped):
+        main(["bench", "seqrec", *TINY, "--types", "sasrec", "--lengths", "8", "16", "--isolate", "no",
+              "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["rows"] == measured
+    assert [r["max_len"] for r in doc["rows"]] == [8] and not list(tmp_path.glob("*.tmp"))
 
 
 def test_bench_seqrec_rejects_overrides_of_per_row_keys(capsys):

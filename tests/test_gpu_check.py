@@ -54,3 +54,12 @@ def test_goals_are_judged_from_the_part_jsons(tmp_path: pathlib.Path):
     assert goals["gmm_vs_dense"]["status"] == "met" and goals["gmm_vs_dense"]["value"] == 0.9
     assert goals["mfu_1b"] == {"status": "not met", "value": 0.6, "target": 0.65,
                                "basis": goals["mfu_1b"]["basis"]}
+
+
+def test_full_mfu_part_computes_in_bf16(tmp_path: pathlib.Path):
+    """MFU is judged against the bf16 peak, so the full check's MFU part runs bf16 compute."""
+    from recjax.bench.gpu_check import MFU_PRESETS, part_commands
+
+    cmd, _ = part_commands(tmp_path, dry=False)["mfu"]
+    assert "train.compute_dtype=bfloat16" in cmd
+    assert [c for c in cmd if c.endswith(".yaml")] == [f"configs/models/{p}.yaml" for p in MFU_PRESETS]

@@ -28,6 +28,9 @@ bound). Then the median step time over ``--iters`` after ``--warmup``, sequences
 tokens/s. Rows whose compiled memory exceeds ``--memory-cap-gb`` are compiled but not run
 (``--memory-cap-gb 0``: a compile-only memory table).
 
+The JSON is rewritten after every row (``complete`` is false until the last one), so a run
+stopped by a time limit keeps what it measured.
+
 Summary: the ratio softmax / linear of compiled memory (and allocator peak and step time
 where both rows ran) at the largest length both compiled, for the causal pair (sasrec /
 linrec) and the bidirectional pair (bert4rec / cotten4rec); and per type the least-squares
@@ -70,9 +73,10 @@ DEFAULTS = {"lengths": [50, 100, 200, 500, 1000, 2000], "batch": 16, "num_items"
             "hidden": 64, "layers": 2, "heads": 2, "inner": 256, "iters": 10, "warmup": 2}
 QUICK = {"lengths": [32, 128, 256], "batch": 2, "num_items": 50, "hidden": 16, "layers": 1,
          "heads": 2, "inner": 64, "iters": 1, "warmup": 1}
-# one H100/H200 in a few minutes: ML-100k's sizes at GPU batch and lengths to 16k (softmax rows
-# past the memory cap are compiled, not run); bf16 compute via `train.compute_dtype=bfloat16`
-GPU = {"lengths": [256, 1024, 4096, 16384], "batch": 64, "num_items": 1682, "hidden": 64,
+# one H200 in about 5 minutes: ML-100k's sizes at GPU batch and lengths to 8k (softmax's 8k rows
+# need 179 GiB, so they are compiled, not run; at 16k XLA's autotuner itself ran out of memory
+# compiling them); bf16 compute via `train.compute_dtype=bfloat16`
+GPU = {"lengths": [256, 1024, 4096, 8192], "batch": 64, "num_items": 1682, "hidden": 64,
        "layers": 2, "heads": 2, "inner": 256, "iters": 20, "warmup": 3}
 _ROW_PREFIX = "SEQREC_ROW "  # a child process's result lines (--isolate)
 
@@ -157,21 +161,29 @@ def run(args: argparse.Namespace) -> int:
           f"{args.hidden}, {args.layers} layers, {args.heads} heads, {args.num_items} items, "
           f"dropout {model['dropout']} (attention {model['attn_dropout']})", flush=True)
     print(_header(), flush=True)
+    out = pathlib.Path(args.out or f"notebooks/results/bench_seqrec_{_slug(env['device_kind'])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows, cache = [], {}
+
+    def write(complete: bool) -> None:
+        # after every row, so a run stopped by a time limit keeps the rows it measured
+        doc = {"benchmark": "seqrec", **env, "loss": LOSS, "step": STEP, "config": config,
+               "complete": complete, "rows": rows, "summary": summarize(rows, args.fit_last),
+               "wall_seconds": time.perf_counter() - t0}
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(out)
+
     for name in args.types:
         specs = [{**shared, "type": name, "max_len": s} for s in config["lengths"]]
         for row in _run_child(specs) if isolate else (measure_row(s, cache) for s in specs):
             rows.append(row)
             print(_format_row(row), flush=True)
-    summary = summarize(rows, args.fit_last)
-    for line in _format_summary(summary):
+            write(complete=False)
+    write(complete=True)
+    for line in _format_summary(summarize(rows, args.fit_last)):
         print(line)
-    doc = {"benchmark": "seqrec", **env, "loss": LOSS, "step": STEP, "config": config,
-           "rows": rows, "summary": summary, "wall_seconds": time.perf_counter() - t0}
-    out = pathlib.Path(args.out or f"notebooks/results/bench_seqrec_{_slug(env['device_kind'])}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {len(rows)} rows to {out}")
     return 1 if any("error" in r for r in rows) else 0
 
