@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from recjax.bench.timing import allocator_peak_bytes, environment
+    from recjax.train.run_dir import write_json
 
     env = environment()
     isolate = args.isolate == "yes" or (args.isolate == "auto" and allocator_peak_bytes() is not None)
@@ -168,12 +169,9 @@ def run(args: argparse.Namespace) -> int:
 
     def write(complete: bool) -> None:
         # after every row, so a run stopped by a time limit keeps the rows it measured
-        doc = {"benchmark": "seqrec", **env, "loss": LOSS, "step": STEP, "config": config,
-               "complete": complete, "rows": rows, "summary": summarize(rows, args.fit_last),
-               "wall_seconds": time.perf_counter() - t0}
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(out, {"benchmark": "seqrec", **env, "loss": LOSS, "step": STEP, "config": config,
+                         "complete": complete, "rows": rows, "summary": summarize(rows, args.fit_last),
+                         "wall_seconds": time.perf_counter() - t0})
 
     for name in args.types:
         specs = [{**shared, "type": name, "max_len": s} for s in config["lengths"]]
