@@ -109,3 +109,57 @@ def test_seqrec_paper_setting_is_a_valid_config_of_both_models():
         assert cfg.optim.dense.name == "adamw" and cfg.optim.grad_clip_norm == 1.0
         assert cfg.optim.warmup_steps == cfg.train.epochs * 12 // 10  # 10% of the steps
         assert cfg.model.attention == ("softmax" if model == "bert4rec" else "cosine")
+
+
+def test_seqrec_sweep_overrides_merge_and_the_picked_variant_is_the_experiment_config():
+    from recjax.config import load_config
+
+    study = _seqrec_study()
+    assert study._merge(["a=1", "b=2"], ["a=3"]) == ["a=3", "b=2"]
+    config = str(REPO / "configs" / "experiments" / "bert4rec_ml100k.yaml")
+    experiment = load_config(config)
+    picked = load_config(config, study._merge(study.RECBOLE_BUDGET, study.SWEEP["base_h128_e20"]))
+    assert picked == experiment
+    base = load_config(config, study._merge(study.RECBOLE_BUDGET, study.SWEEP["base"]))
+    assert (base.model.hidden, base.model.inner, base.train.epochs) == (64, 256, 10)
+    for overrides in study.SWEEP.values():  # every variant is a valid config
+        load_config(config, study._merge(study.RECBOLE_BUDGET, overrides))
+
+
+def test_seqrec_sweep_summary_picks_best_validation_among_the_most_seeds():
+    study = _seqrec_study()
+
+    def row(variant, seed, valid, test):
+        return {"variant": f"sweep_{variant}", "seed": seed, "device": "cpu", "overrides": [],
+                "valid": {"ndcg@10": valid}, "test": {"ndcg@10": test, "hr@10": 2 * test},
+                "best_epoch": 5, "epochs_run": 10}
+
+    rows = [row("last1_l4", 0, 0.09, 0.05),  # best validation, but one seed only
+            row("base", 0, 0.06, 0.07), row("base", 1, 0.06, 0.07),
+            row("base_e30", 0, 0.07, 0.05), row("base_e30", 1, 0.07, 0.05)]
+    summary = study.summarise_sweep(rows)
+    assert [e["variant"] for e in summary] == ["last1_l4", "base_e30", "base"]
+    assert [e["selected"] for e in summary] == [False, True, False]  # by validation, not by test
+    assert summary[1]["overrides"] == study.SWEEP["base_e30"]
+    doc = {"data": {"users": 943, "items": 1682, "interactions": 100_000}, "protocol": "leave-one-out",
+           "device": "cpu", "summary": summary}
+    md = study.markdown_sweep(doc)
+    assert "| **base_e30** | train.epochs=30 | 2 | 0.0700 ± 0.0000 | 0.0500 ± 0.0000 |" in md
+
+
+def test_seqrec_recbole_sized_runs_match_across_studies():
+    """The ablation's BERT4Rec variants and the ml100k Cotten4Rec comparison stay at RecBole's sizes
+    (hidden 64, inner 256) while the BERT4Rec experiment config is larger."""
+    from recjax.config import load_config
+
+    study = _seqrec_study()
+    experiments = REPO / "configs" / "experiments"
+    cotten = load_config(str(experiments / "cotten4rec_ml100k.yaml"))
+    bert = load_config(str(experiments / "bert4rec_ml100k.yaml"), study.RECBOLE_BUDGET)
+    sizes = ("hidden", "inner", "num_layers", "num_heads", "dropout", "norm", "output_head")
+    assert [getattr(cotten.model, k) for k in sizes] == [getattr(bert.model, k) for k in sizes]
+    assert (cotten.train.epochs, cotten.model.hidden, cotten.model.attention) == (bert.train.epochs, 64, "cosine")
+    assert load_config(str(experiments / "bert4rec_ml100k.yaml")).model.hidden == 128
+    for overrides in study.ABLATIONS["bert4rec"].values():
+        cfg = load_config(str(experiments / "bert4rec_ml100k.yaml"), overrides)
+        assert (cfg.model.hidden, cfg.model.inner) == (64, 256)
