@@ -167,11 +167,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows, cache = [], {}
 
-    def write(complete: bool) -> None:
+    def write(complete: bool) -> dict:
         # after every row, so a run stopped by a time limit keeps the rows it measured
+        summary = summarize(rows, args.fit_last)
         write_json(out, {"benchmark": "seqrec", **env, "loss": LOSS, "step": STEP, "config": config,
-                         "complete": complete, "rows": rows, "summary": summarize(rows, args.fit_last),
+                         "complete": complete, "rows": rows, "summary": summary,
                          "wall_seconds": time.perf_counter() - t0})
+        return summary
 
     for name in args.types:
         specs = [{**shared, "type": name, "max_len": s} for s in config["lengths"]]
@@ -179,8 +181,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(_format_row(row), flush=True)
             write(complete=False)
-    write(complete=True)
-    for line in _format_summary(summarize(rows, args.fit_last)):
+    for line in _format_summary(write(complete=True)):
         print(line)
     print(f"wrote {len(rows)} rows to {out}")
     return 1 if any("error" in r for r in rows) else 0
